@@ -1,0 +1,46 @@
+"""lora_jax: LoRA for JAX as a pure transform over a parameter pytree.
+
+    config = lora_jax.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    adapter = lora_jax.init(config, params, jax.random.key(0))
+    apply = lora_jax.lora(model.apply, config)        # fn(params, adapter, *args)
+    merged = lora_jax.merge(params, adapter, config)  # for the plain model.apply
+"""
+
+from lora_jax.config import LoraConfig
+from lora_jax.init import init
+from lora_jax.merge import lora_delta, merge, unmerge
+from lora_jax.optim import masked_optimizer
+from lora_jax.transform import LoraFallbackWarning, lora
+from lora_jax.tree import (
+    Target,
+    check_adapter,
+    combine,
+    count_parameters,
+    find_targets,
+    module_names,
+    partition,
+    print_trainable_parameters,
+    trainable_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraFallbackWarning",
+    "Target",
+    "check_adapter",
+    "combine",
+    "count_parameters",
+    "find_targets",
+    "init",
+    "lora",
+    "lora_delta",
+    "masked_optimizer",
+    "merge",
+    "module_names",
+    "partition",
+    "print_trainable_parameters",
+    "trainable_mask",
+    "unmerge",
+]

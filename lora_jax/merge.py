@@ -1,0 +1,63 @@
+"""Fold ``s * A @ B`` into the kernels (merge) and take it out again (unmerge)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.tree import Adapter, check_adapter, find_targets
+
+
+def lora_delta(a: jax.Array, b: jax.Array, num_lead: int, scaling: float) -> jax.Array:
+    """``scaling * A @ B`` in float32 with the kernel's shape ``lead + in + out``.
+
+    The product runs at full float32 precision (``Precision.HIGHEST``), so
+    TPUs do not round it through bfloat16.
+    """
+    lead, rank = a.shape[:num_lead], a.shape[-1]
+    in_shape, out_shape = a.shape[num_lead:-1], b.shape[num_lead + 1 :]
+    a2 = a.reshape(lead + (math.prod(in_shape), rank)).astype(jnp.float32)
+    b2 = b.reshape(lead + (rank, math.prod(out_shape))).astype(jnp.float32)
+    delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+    return scaling * delta.reshape(lead + in_shape + out_shape)
+
+
+def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float) -> Any:
+    targets = find_targets(config, params)
+    check_adapter(targets, adapter)
+    by_path = {t.path: t for t in targets.values()}
+
+    def fold(path: Any, w: Any) -> Any:
+        target = by_path.get(path)
+        if target is None:
+            return w
+        pair = adapter[target.module_name]
+        delta = lora_delta(pair["lora_A"], pair["lora_B"], target.num_lead, target.scaling)
+        return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
+
+    return jax.tree_util.tree_map_with_path(fold, params)
+
+
+def merge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
+    """Params with ``W + s * A @ B`` in every targeted kernel, for the plain apply_fn.
+
+    Example::
+
+        merged = merge(params, adapter, config)
+        model.apply(merged, x)  # == lora(model.apply, config)(params, adapter, x)
+
+    The sum is formed in float32 and cast back to each kernel's dtype, so
+    bfloat16 kernels lose no more than one rounding. Leaves that are not
+    targeted are returned as they are (not copied). Jit it, with
+    ``donate_argnums=0`` to update in place.
+    """
+    return _fold(params, adapter, config, 1.0)
+
+
+def unmerge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
+    """Undo :func:`merge`: ``W - s * A @ B`` in every targeted kernel."""
+    return _fold(params, adapter, config, -1.0)

@@ -1,0 +1,439 @@
+"""`lora()`: run any params-pytree function with LoRA on the efficient path.
+
+How it works: ``apply_fn`` is traced once to a jaxpr, then evaluated by a small
+interpreter in which each targeted kernel is a symbolic :class:`LoraValue`
+(W, A, B, s). A ``dot_general`` on such a value becomes the base dot plus two
+thin dots, ``x @ W + s * (x @ A) @ B``, so neither ``W + s * A @ B`` nor the
+dense gradient of W is ever formed. Casts, reshapes and transposes of the
+kernel are carried into A and B; jit, remat, scan, cond and while bodies are
+interpreted recursively; an embedding ``gather`` gathers rows of A. Any other
+use of a LoRA value materialises the exact dense kernel for that use and
+warns once, so results are never wrong, only slower.
+
+This is the one module that touches JAX internals (jaxpr equations and their
+params); every primitive it handles is covered by tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from lora_jax.config import LoraConfig
+from lora_jax.merge import lora_delta
+from lora_jax.tree import Adapter, check_adapter, find_targets
+
+
+class LoraFallbackWarning(UserWarning):
+    """A targeted kernel was used in a way that needs the dense ``W + s*A@B``."""
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraValue:
+    """The kernel ``W + scaling * A @ B`` kept as its parts.
+
+    ``w`` has shape ``lead + a_dims + b_dims``; ``a`` is ``lead + a_dims + (r,)``
+    and ``b`` is ``lead + (r,) + b_dims``. ``lead`` are stacked-layer axes.
+    ``key`` (shape ``lead``) drives dropout on the LoRA branch, or is None.
+    """
+
+    w: Any
+    a: Any
+    b: Any
+    key: Any
+    num_lead: int = dataclasses.field(metadata={"static": True})
+    scaling: float = dataclasses.field(metadata={"static": True})
+    name: str = dataclasses.field(metadata={"static": True})
+    dropout: float = dataclasses.field(metadata={"static": True})
+
+    @property
+    def num_a(self) -> int:
+        return self.a.ndim - self.num_lead - 1
+
+    @property
+    def num_b(self) -> int:
+        return self.b.ndim - self.num_lead - 1
+
+    def replace(self, **changes: Any) -> LoraValue:
+        return dataclasses.replace(self, **changes)
+
+    def dense(self) -> jax.Array:
+        """The exact kernel ``W + s * A @ B`` in W's dtype (the fallback)."""
+        delta = lora_delta(self.a, self.b, self.num_lead, self.scaling)
+        return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
+
+
+def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
+    """Wrap ``apply_fn(params, *args, **kwargs)`` as ``fn(params, adapter, *args, **kwargs)``.
+
+    Example::
+
+        adapter = lora_jax.init(config, params, jax.random.key(0))
+        apply = lora_jax.lora(model.apply, config)
+        logits = jax.jit(apply)(params, adapter, tokens)
+        grads = jax.grad(lambda ad: loss(apply(params, ad, tokens)))(adapter)
+
+    The result equals ``apply_fn(merge(params, adapter, config), ...)`` but is
+    computed as ``x @ W + s * (x @ A) @ B``. It composes with ``jax.jit``,
+    ``jax.grad`` and ``jax.vmap``. Pass ``lora_rng=key`` to apply
+    ``config.lora_dropout`` to the input of the LoRA branch; without it there
+    is no dropout (evaluation). Array arguments are traced; other Python
+    values (flags such as ``train=True``) are passed through as constants.
+    """
+
+    @functools.wraps(apply_fn)
+    def apply(params: Any, adapter: Adapter, *args: Any, lora_rng: jax.Array | None = None,
+              **kwargs: Any) -> Any:
+        targets = find_targets(config, params)
+        check_adapter(targets, adapter)
+        by_path = {t.path: t for t in targets.values()}
+        paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(params)
+        param_leaves = [leaf for _, leaf in paths_leaves]
+
+        call_leaves, call_def = jax.tree.flatten((args, kwargs))
+        traced = [i for i, x in enumerate(call_leaves) if _is_array(x)]
+
+        def flat_fn(param_leaves: list[Any], traced_leaves: list[Any]) -> Any:
+            leaves = list(call_leaves)
+            for i, x in zip(traced, traced_leaves):
+                leaves[i] = x
+            call_args, call_kwargs = jax.tree.unflatten(call_def, leaves)
+            return apply_fn(jax.tree.unflatten(params_def, param_leaves), *call_args, **call_kwargs)
+
+        traced_leaves = [call_leaves[i] for i in traced]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, traced_leaves)
+
+        use_dropout = lora_rng is not None and config.lora_dropout > 0
+        invals = []
+        for index, (path, leaf) in enumerate(paths_leaves):
+            target = by_path.get(path)
+            if target is None:
+                invals.append(leaf)
+                continue
+            pair = adapter[target.module_name]
+            key = None
+            if use_dropout:
+                key = jax.random.fold_in(lora_rng, index)
+                if target.num_lead:
+                    key = jax.random.split(key, target.lead_shape)
+            invals.append(LoraValue(
+                w=leaf, a=pair["lora_A"], b=pair["lora_B"], key=key, num_lead=target.num_lead,
+                scaling=target.scaling, name=target.module_name,
+                dropout=config.lora_dropout if use_dropout else 0.0,
+            ))
+        outs = _eval_jaxpr(closed.jaxpr, closed.consts, invals + traced_leaves)
+        outs = _materialize(outs, "output")
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return apply
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+# -- the interpreter --------------------------------------------------------------------
+
+def _eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    env: dict[Any, Any] = {}
+
+    def read(var: Any) -> Any:
+        return var.val if isinstance(var, jcore.Literal) else env[var]
+
+    def write(var: Any, value: Any) -> None:
+        if not isinstance(var, jcore.DropVar):
+            env[var] = value
+
+    for var, value in zip(jaxpr.constvars, consts):
+        write(var, value)
+    for var, value in zip(jaxpr.invars, args):
+        write(var, value)
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, LoraValue) for x in invals):
+            rule = _RULES.get(eqn.primitive.name, _fallback)
+            outvals = rule(eqn, invals)
+        else:
+            outvals = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outvals = [outvals]
+        for var, value in zip(eqn.outvars, outvals):
+            write(var, value)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX returns (subfuns, params)
+        subfuns, params = params
+        return eqn.primitive.bind(*subfuns, *invals, **params)
+    return eqn.primitive.bind(*invals, **params)
+
+
+def _warn_once(name: str, primitive: str) -> None:
+    if (name, primitive) in _warned:
+        return
+    _warned.add((name, primitive))
+    warnings.warn(
+        f"lora_jax: kernel {name!r} is used by `{primitive}`, which the LoRA interpreter does not "
+        "rewrite; it materialises W + s*A@B for that use (correct, but it costs a dense kernel and "
+        "its gradient).",
+        LoraFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def _materialize(values: Sequence[Any], primitive: str) -> list[Any]:
+    out = []
+    for value in values:
+        if isinstance(value, LoraValue):
+            _warn_once(value.name, primitive)
+            value = value.dense()
+        out.append(value)
+    return out
+
+
+def _fallback(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    return _bind(eqn, _materialize(invals, eqn.primitive.name))
+
+
+# -- rules: kernel-shaped ops carried into A and B -------------------------------------------
+
+def _convert_element_type(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+        return _fallback(eqn, invals)
+    # A and B keep their dtype; they are cast to the kernel's dtype where used.
+    return value.replace(w=_bind(eqn, [value.w]))
+
+
+def _same_shape_op(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """Ops that leave the kernel's values alone (copies, sharding constraints)."""
+    (value,) = invals
+    return value.replace(w=_bind(eqn, [value.w]))
+
+
+def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    perm = tuple(eqn.params["permutation"])
+    lead, na, nb = value.num_lead, value.num_a, value.num_b
+    head, rest = perm[:lead], perm[lead:]
+    if head != tuple(range(lead)):
+        return _fallback(eqn, invals)
+    lead_axes = tuple(range(lead))
+    a_range, b_range = range(lead, lead + na), range(lead + na, lead + na + nb)
+    w = _bind(eqn, [value.w])
+    if all(p in a_range for p in rest[:na]):  # (a..., b...) with each group permuted
+        a = value.a.transpose(lead_axes + rest[:na] + (lead + na,))
+        b = value.b.transpose(lead_axes + (lead,) + tuple(p + 1 for p in rest[na:]))
+        return value.replace(w=w, a=a, b=b)
+    if all(p in b_range for p in rest[:nb]):  # (b..., a...): K^T = B^T A^T swaps roles
+        new_a = value.b.transpose(lead_axes + tuple(p + 1 for p in rest[:nb]) + (lead,))
+        new_b = value.a.transpose(lead_axes + (lead + na,) + rest[nb:])
+        return value.replace(w=w, a=new_a, b=new_b)
+    return _fallback(eqn, invals)
+
+
+def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    if eqn.params.get("dimensions") is not None:
+        return _fallback(eqn, invals)
+    new_sizes = tuple(eqn.params["new_sizes"])
+    lead = value.num_lead
+    lead_shape = value.w.shape[:lead]
+    if new_sizes[:lead] != lead_shape:
+        return _fallback(eqn, invals)
+    a_dims, r = value.a.shape[lead:-1], value.a.shape[-1]
+    b_dims = value.b.shape[lead + 1 :]
+    body = new_sizes[lead:]
+    for split in range(1, len(body)):
+        if math.prod(body[:split]) == math.prod(a_dims) and math.prod(body[split:]) == math.prod(b_dims):
+            return value.replace(
+                w=_bind(eqn, [value.w]),
+                a=value.a.reshape(lead_shape + body[:split] + (r,)),
+                b=value.b.reshape(lead_shape + (r,) + body[split:]),
+            )
+    return _fallback(eqn, invals)
+
+
+def _dropout(x: jax.Array, value: LoraValue) -> jax.Array:
+    if value.key is None or value.dropout == 0.0:
+        return x
+    keep = jax.random.bernoulli(value.key, 1.0 - value.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - value.dropout), jnp.zeros((), x.dtype))
+
+
+def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """``x . K`` with K = W + s A B  ->  ``x . W + s (x . A) . B`` (or via B first)."""
+    lhs, rhs = invals
+    if isinstance(lhs, LoraValue) and isinstance(rhs, LoraValue):
+        return _fallback(eqn, invals)
+    kernel_is_lhs = isinstance(lhs, LoraValue)
+    value, x = (lhs, rhs) if kernel_is_lhs else (rhs, lhs)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    k_contract, x_contract = (lc, rc) if kernel_is_lhs else (rc, lc)
+    k_batch, x_batch = (lb, rb) if kernel_is_lhs else (rb, lb)
+    lead, na, nb = value.num_lead, value.num_a, value.num_b
+    # Stacked axes must be batch axes of the dot (a vmap over layers); others unsupported.
+    if tuple(k_batch) != tuple(range(lead)):
+        return _fallback(eqn, invals)
+    a_axes, b_axes = set(range(lead, lead + na)), set(range(lead + na, lead + na + nb))
+    if set(k_contract) == a_axes:  # x contracts with A: (x . A) . B
+        first, second = value.a, value.b
+        first_contract = tuple(k_contract)
+        second_contract = lead  # B's rank axis
+    elif set(k_contract) == b_axes:  # x contracts with B (e.g. a tied embedding as output head)
+        first, second = value.b, value.a
+        first_contract = tuple(k + 1 for k in k_contract)
+        second_contract = lead + na
+    else:
+        return _fallback(eqn, invals)
+
+    base = _bind(eqn, [lhs.w if kernel_is_lhs else lhs, rhs if kernel_is_lhs else rhs.w])
+    dtype = value.w.dtype
+    first, second = first.astype(dtype), second.astype(dtype)
+    x = _dropout(x, value)
+    precision = eqn.params.get("precision")
+    preferred = eqn.params.get("preferred_element_type")
+    batch = tuple(range(lead))
+    nbatch = len(x_batch)
+    if kernel_is_lhs:
+        # (lead, [r], x_free) then (lead, k_free, x_free)
+        low = lax.dot_general(first, x, ((first_contract, tuple(x_contract)), (batch, tuple(x_batch))),
+                              precision=precision, preferred_element_type=preferred)
+        delta = lax.dot_general(second, low.astype(dtype), (((second_contract,), (nbatch,)), (batch, batch)),
+                                precision=precision, preferred_element_type=preferred)
+    else:
+        # (batch, x_free, [r]) then (batch, x_free, k_free)
+        low = lax.dot_general(x, first, ((tuple(x_contract), first_contract), (tuple(x_batch), batch)),
+                              precision=precision, preferred_element_type=preferred)
+        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)), (batch, batch)),
+                                precision=precision, preferred_element_type=preferred)
+    return base + (value.scaling * delta).astype(base.dtype)
+
+
+def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """Embedding lookup ``E[ids]`` with E = W + s A B  ->  ``W[ids] + s A[ids] B``."""
+    value, indices = invals
+    if isinstance(indices, LoraValue) or value.num_lead or value.num_a != 1 or value.num_b != 1:
+        return _fallback(eqn, invals)
+    dnums = eqn.params["dimension_numbers"]
+    out_ndim = eqn.outvars[0].aval.ndim
+    rows = dnums.collapsed_slice_dims == (0,) and dnums.start_index_map == (0,)
+    if not (rows and not dnums.operand_batching_dims and tuple(dnums.offset_dims) == (out_ndim - 1,)
+            and tuple(eqn.params["slice_sizes"]) == (1, value.w.shape[1])):
+        return _fallback(eqn, invals)
+    base = _bind(eqn, [value.w, indices])
+    a = value.a.astype(value.w.dtype)
+    params = dict(eqn.primitive.get_bind_params(eqn.params), slice_sizes=(1, a.shape[1]))
+    a_rows = eqn.primitive.bind(a, indices, **params)
+    delta = jnp.matmul(a_rows, value.b.astype(value.w.dtype))
+    return base + (value.scaling * delta).astype(base.dtype)
+
+
+# -- rules: control flow and calls ----------------------------------------------------------
+
+def _inline_call(jaxpr_param: str) -> Callable[..., Any]:
+    def rule(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+        closed = eqn.params[jaxpr_param]
+        return _materialize(_eval_jaxpr(closed.jaxpr, closed.consts, invals), eqn.primitive.name)
+    return rule
+
+
+def _remat(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    jaxpr = eqn.params["jaxpr"]
+
+    def body(*args: Any) -> list[Any]:
+        return _materialize(_eval_jaxpr(jaxpr, (), args), eqn.primitive.name)
+
+    return jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                          policy=eqn.params["policy"])(*invals)
+
+
+def _scan(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    params = eqn.params
+    closed = params["jaxpr"]
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    consts = list(invals[:n_consts])
+    carry = _materialize(invals[n_consts : n_consts + n_carry], "scan carry")
+    xs = []
+    for x in invals[n_consts + n_carry :]:
+        if isinstance(x, LoraValue):
+            if x.num_lead == 0:  # scanning over a kernel's own axes: no low-rank form per slice
+                x = _materialize([x], "scan over kernel axes")[0]
+            else:  # the scan slices the leading axis off W, A, B and the dropout keys
+                x = x.replace(num_lead=x.num_lead - 1)
+        xs.append(x)
+
+    def body(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = _materialize(_eval_jaxpr(closed.jaxpr, closed.consts, consts + carry + x), "scan")
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = lax.scan(body, carry, xs, length=params["length"],
+                             reverse=params["reverse"], unroll=params["unroll"])
+    return list(carry_out) + list(ys)
+
+
+def _while(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    params = eqn.params
+    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts = list(invals[:n_cond])
+    body_consts = list(invals[n_cond : n_cond + n_body])
+    init = _materialize(invals[n_cond + n_body :], "while carry")
+
+    def cond(carry: list[Any]) -> Any:
+        return _eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, cond_consts + carry)[0]
+
+    def body(carry: list[Any]) -> list[Any]:
+        outs = _eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, body_consts + carry)
+        return _materialize(outs, "while")
+
+    return list(lax.while_loop(cond, body, init))
+
+
+def _cond(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    index, *operands = invals
+    if isinstance(index, LoraValue):
+        return _fallback(eqn, invals)
+
+    def branch_fn(closed: jcore.ClosedJaxpr) -> Callable[..., list[Any]]:
+        def run(ops: list[Any]) -> list[Any]:
+            return _materialize(_eval_jaxpr(closed.jaxpr, closed.consts, ops), "cond")
+        return run
+
+    return list(lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], operands))
+
+
+_RULES: dict[str, Callable[[jcore.JaxprEqn, Sequence[Any]], Any]] = {
+    "dot_general": _dot_general,
+    "convert_element_type": _convert_element_type,
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "gather": _gather,
+    "copy": _same_shape_op,
+    "copy_p": _same_shape_op,
+    "sharding_constraint": _same_shape_op,
+    "pjit": _inline_call("jaxpr"),
+    "jit": _inline_call("jaxpr"),
+    "closed_call": _inline_call("call_jaxpr"),
+    "checkpoint": _remat,
+    "remat2": _remat,
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+}

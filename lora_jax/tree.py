@@ -1,0 +1,341 @@
+"""Module names over params trees, LoRA targets, and trainable masks.
+
+A leaf's *module name* is the dotted key path of its parent, with a leading
+``params`` collection dropped, sequence indices written as numbers and NNX's
+trailing ``.value`` removed::
+
+    {"params": {"model": {"layers": {"0": {"q_proj": {"kernel": W}}}}}}
+    -> module "model.layers.0.q_proj", leaf "kernel"
+
+A *target* is a kernel leaf that gets an adapter. Everything here runs on
+shapes only, so it is cheap at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_jax.config import OUTPUT_HEAD_NAMES, LoraConfig, layer_index, matches, pattern_key
+
+KeyPath = tuple[Any, ...]
+Adapter = dict[str, dict[str, jax.Array]]
+
+_COLLECTION = "params"
+_VARIABLE_ATTRS = ("value", "raw_value")  # NNX Variable wrappers in key paths
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def split_path(path: KeyPath) -> tuple[str, str]:
+    """``(module_name, leaf_name)`` for a ``jax.tree`` key path."""
+    names = [_key_str(k) for k in path]
+    while len(names) > 1 and isinstance(path[len(names) - 1], jax.tree_util.GetAttrKey) \
+            and names[-1] in _VARIABLE_ATTRS:
+        names.pop()
+    if len(names) > 1 and names[0] == _COLLECTION:
+        names = names[1:]
+    return ".".join(names[:-1]), names[-1]
+
+
+def named_leaves(params: Any) -> Iterator[tuple[KeyPath, str, str, Any]]:
+    """Yield ``(key_path, module_name, leaf_name, leaf)`` for every leaf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        module_name, leaf_name = split_path(path)
+        yield path, module_name, leaf_name, leaf
+
+
+def module_names(params: Any, config: LoraConfig | None = None) -> list[str]:
+    """Names of the modules that hold a kernel (``config.kernel_names``)."""
+    kernel_names = (config or _DEFAULT_CONFIG).kernel_names
+    return list(dict.fromkeys(
+        m for _, m, leaf_name, _ in named_leaves(params) if leaf_name in kernel_names
+    ))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A kernel that gets an adapter, and how its axes split.
+
+    The kernel's shape is ``lead + in_shape + out_shape``: ``lead`` holds the
+    stacked-layer axis (``nn.scan``), ``in_shape`` the axes the model contracts
+    with its input. A has shape ``lead + in_shape + (rank,)`` and B has shape
+    ``lead + (rank,) + out_shape``, so ``A @ B`` has the kernel's shape.
+    """
+
+    module_name: str
+    path: KeyPath
+    leaf_name: str
+    shape: tuple[int, ...]
+    dtype: Any
+    num_lead: int
+    num_in: int
+    rank: int
+    scaling: float
+
+    @property
+    def lead_shape(self) -> tuple[int, ...]:
+        return self.shape[: self.num_lead]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.shape[self.num_lead : self.num_lead + self.num_in]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[self.num_lead + self.num_in :]
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return self.lead_shape + self.in_shape + (self.rank,)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        return self.lead_shape + (self.rank,) + self.out_shape
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.leaf_name == "embedding"
+
+
+_DEFAULT_CONFIG = LoraConfig(target_modules="all-linear")
+
+
+def _closest_first(name: str, names: list[str]) -> list[str]:
+    scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, name, n).ratio())
+    return scored
+
+
+def _describe_names(wanted: str, names: list[str], limit: int = 12) -> str:
+    ordered = _closest_first(wanted, names)
+    shown = ", ".join(ordered[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"module names with a kernel, closest first: {shown}{more}"
+
+
+def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
+    """The kernels ``config`` selects in ``params``, by module name, in tree order.
+
+    Raises ``ValueError`` naming what is wrong when a target, pattern or
+    ``modules_to_save`` entry matches nothing, a rank does not fit its
+    kernel, or a selected leaf is not an array of rank >= 2.
+    """
+    candidates: dict[str, tuple[KeyPath, str, Any]] = {}
+    for path, module_name, leaf_name, leaf in named_leaves(params):
+        if leaf_name not in config.kernel_names:
+            continue
+        if module_name in candidates:
+            raise ValueError(
+                f"Module {module_name!r} holds two kernel leaves ({candidates[module_name][1]!r} "
+                f"and {leaf_name!r}); set LoraConfig.kernel_names to pick one."
+            )
+        candidates[module_name] = (path, leaf_name, leaf)
+    names = list(candidates)
+    if not names:
+        raise ValueError(
+            f"No leaf of the params tree is named one of {tuple(config.kernel_names)}; "
+            "set LoraConfig.kernel_names to the name your model gives its weights."
+        )
+
+    spec = config.target_modules
+    if spec == "all-linear":
+        selected = [
+            n for n in names
+            if candidates[n][1] == "kernel" and n.rsplit(".", 1)[-1] not in OUTPUT_HEAD_NAMES
+        ]
+    else:
+        selected = [n for n in names if matches(spec, n)]
+        if not isinstance(spec, str):
+            for key in spec:
+                if not any(matches((key,), n) for n in names):
+                    raise ValueError(
+                        f"target_modules entry {key!r} matches no module; {_describe_names(key, names)}."
+                    )
+        elif not selected:
+            raise ValueError(
+                f"target_modules regex {spec!r} matches no module; {_describe_names(spec, names)}."
+            )
+    if config.exclude_modules is not None:
+        selected = [n for n in selected if not matches(config.exclude_modules, n)]
+    if config.layers_to_transform is not None:
+        keep = set(config.layers_to_transform)
+        selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
+        if any(config.is_stacked(n) for n in selected):
+            raise ValueError(
+                "layers_to_transform cannot pick layers out of stacked (scanned) kernels; "
+                "unroll the layers or drop layers_to_transform."
+            )
+    if not selected:
+        raise ValueError(
+            f"LoraConfig selects no module (target_modules={spec!r}, "
+            f"exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}); {_describe_names(str(spec), names)}."
+        )
+
+    for field in ("rank_pattern", "alpha_pattern", "in_axes"):
+        for key in getattr(config, field):
+            if not any(pattern_key({key: None}, n) for n in selected):
+                raise ValueError(
+                    f"{field} key {key!r} matches no targeted module; targeted: {', '.join(selected[:12])}"
+                    + (" ..." if len(selected) > 12 else "") + "."
+                )
+    if config.stacked_modules is not None and not any(config.is_stacked(n) for n in selected):
+        raise ValueError(f"stacked_modules {config.stacked_modules!r} matches no targeted module.")
+    check_modules_to_save(config, params)
+
+    targets = {}
+    for name in selected:
+        path, leaf_name, leaf = candidates[name]
+        targets[name] = _make_target(config, name, path, leaf_name, leaf)
+    return targets
+
+
+def _make_target(config: LoraConfig, name: str, path: KeyPath, leaf_name: str, leaf: Any) -> Target:
+    shape = getattr(leaf, "shape", None)
+    num_lead = 1 if config.is_stacked(name) else 0
+    if shape is None or len(shape) < 2 + num_lead:
+        what = f"shape {tuple(shape)}" if shape is not None else f"a {type(leaf).__name__}"
+        need = "rank >= 3 (a stacked layer axis, then in and out)" if num_lead else "rank >= 2"
+        raise ValueError(f"Targeted leaf {name}.{leaf_name} is {what}; LoRA needs an array of {need}.")
+    num_in = config.num_in_axes(name)
+    if not 1 <= num_in < len(shape) - num_lead:
+        raise ValueError(
+            f"in_axes gives {name} {num_in} input axes, but its kernel of shape {tuple(shape)} "
+            f"has {len(shape) - num_lead} axes to split into input and output."
+        )
+    rank = config.rank(name)
+    fan_in = math.prod(shape[num_lead : num_lead + num_in])
+    fan_out = math.prod(shape[num_lead + num_in :])
+    if rank > min(fan_in, fan_out):
+        raise ValueError(
+            f"Rank {rank} for {name} exceeds min(in, out) = min({fan_in}, {fan_out}) of its kernel "
+            f"{tuple(shape)}; use r <= {min(fan_in, fan_out)} (rank_pattern can lower one module)."
+        )
+    return Target(
+        module_name=name, path=path, leaf_name=leaf_name, shape=tuple(shape),
+        dtype=getattr(leaf, "dtype", None), num_lead=num_lead, num_in=num_in, rank=rank,
+        scaling=config.scaling(name),
+    )
+
+
+def check_adapter(targets: dict[str, Target], adapter: Adapter) -> None:
+    """Raise ``ValueError`` unless ``adapter`` has exactly the A/B shapes ``targets`` need."""
+    if not isinstance(adapter, dict):
+        raise TypeError(f"adapter must be a dict of module name -> {{'lora_A', 'lora_B'}}, got {type(adapter).__name__}.")
+    missing = [n for n in targets if n not in adapter]
+    extra = [n for n in adapter if n not in targets]
+    if missing or extra:
+        raise ValueError(
+            "The adapter does not fit the params and config: "
+            + (f"missing modules {missing[:8]}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"modules not targeted in these params {extra[:8]}" if extra else "")
+            + ". Was it made with lora_jax.init for this model and config?"
+        )
+    for name, target in targets.items():
+        entry = adapter[name]
+        for key, want in (("lora_A", target.a_shape), ("lora_B", target.b_shape)):
+            if key not in entry:
+                raise ValueError(f"adapter[{name!r}] has no {key!r} (keys: {sorted(entry)}).")
+            got = tuple(np.shape(entry[key]))
+            if got != want:
+                raise ValueError(
+                    f"adapter[{name!r}][{key!r}] has shape {got}, but kernel {name}.{target.leaf_name} "
+                    f"of shape {target.shape} with rank {target.rank} needs {want}."
+                )
+
+
+# -- trainable masks, partition / combine ----------------------------------------
+
+def _under(spec: tuple[str, ...], module_name: str) -> bool:
+    """Whether ``module_name`` is one of ``spec``'s modules or inside one."""
+    parts = module_name.split(".")
+    return any(matches(spec, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+
+
+def check_modules_to_save(config: LoraConfig, params: Any) -> None:
+    if not config.modules_to_save:
+        return
+    modules = list(dict.fromkeys(m for _, m, _, _ in named_leaves(params)))
+    for key in config.modules_to_save:
+        if not any(_under((key,), m) for m in modules):
+            raise ValueError(f"modules_to_save entry {key!r} matches no module; {_describe_names(key, modules)}.")
+
+
+def trainable_mask(params: Any, config: LoraConfig) -> Any:
+    """A pytree of bools over ``params``: True for leaves that train in full.
+
+    These are the leaves of ``modules_to_save`` and, with ``bias="all"`` or
+    ``"lora_only"``, the biases; the kernels themselves stay frozen (their
+    update lives in the adapter).
+
+    Example::
+
+        mask = trainable_mask(params, LoraConfig(target_modules=["q"], bias="all"))
+        trainable, frozen = partition(params, mask)
+    """
+    targeted = set(find_targets(config, params)) if config.bias == "lora_only" else set()
+    saved = tuple(config.modules_to_save or ())
+
+    def is_trainable(path: KeyPath, _: Any) -> bool:
+        module_name, leaf_name = split_path(path)
+        if saved and _under(saved, module_name):
+            return True
+        if leaf_name == "bias":
+            return config.bias == "all" or module_name in targeted
+        return False
+
+    return jax.tree_util.tree_map_with_path(is_trainable, params)
+
+
+def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
+    """Split ``tree`` by a bool ``mask`` into ``(selected, rest)``, ``None`` elsewhere."""
+    selected = jax.tree.map(lambda x, m: x if m else None, tree, mask)
+    rest = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    return selected, rest
+
+
+def combine(*trees: Any) -> Any:
+    """Rejoin trees from :func:`partition`: each leaf from the first tree not ``None`` there."""
+    def first(*leaves: Any) -> Any:
+        return next((leaf for leaf in leaves if leaf is not None), None)
+
+    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+
+
+# -- counting ------------------------------------------------------------------------
+
+def _size(tree: Any, keep: Callable[[Any], bool] | None = None) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree) if keep is None or keep(x))
+
+
+def count_parameters(params: Any, adapter: Adapter, config: LoraConfig | None = None) -> dict[str, float]:
+    """``{"trainable": N, "all": M, "trainable%": P}`` as PEFT counts them.
+
+    The adapter counts towards both; with ``config``, leaves that train in
+    full (``modules_to_save``, biases) count as trainable too.
+    """
+    adapter_size = _size(adapter)
+    trainable = adapter_size
+    if config is not None:
+        trainable += _size(partition(params, trainable_mask(params, config))[0])
+    total = _size(params) + adapter_size
+    return {"trainable": trainable, "all": total, "trainable%": 100.0 * trainable / max(total, 1)}
+
+
+def print_trainable_parameters(params: Any, adapter: Adapter, config: LoraConfig | None = None) -> None:
+    """Print ``trainable params: N || all params: M || trainable%: P`` like PEFT."""
+    c = count_parameters(params, adapter, config)
+    print(f"trainable params: {c['trainable']:,d} || all params: {c['all']:,d} || "
+          f"trainable%: {c['trainable%']:.4f}")
