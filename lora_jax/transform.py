@@ -239,10 +239,10 @@ def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     w = _bind(eqn, [value.w])
     if all(p in a_range for p in rest[:na]):  # (a..., b...) with each group permuted
         a = value.a.transpose(lead_axes + rest[:na] + (lead + na,))
-        b = value.b.transpose(lead_axes + (lead,) + tuple(p + 1 for p in rest[na:]))
+        b = value.b.transpose(lead_axes + (lead,) + tuple(p - na + 1 for p in rest[na:]))
         return value.replace(w=w, a=a, b=b)
     if all(p in b_range for p in rest[:nb]):  # (b..., a...): K^T = B^T A^T swaps roles
-        new_a = value.b.transpose(lead_axes + tuple(p + 1 for p in rest[:nb]) + (lead,))
+        new_a = value.b.transpose(lead_axes + tuple(p - na + 1 for p in rest[:nb]) + (lead,))
         new_b = value.a.transpose(lead_axes + (lead + na,) + rest[nb:])
         return value.replace(w=w, a=new_a, b=new_b)
     return _fallback(eqn, invals)
@@ -298,7 +298,7 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
         second_contract = lead  # B's rank axis
     elif set(k_contract) == b_axes:  # x contracts with B (e.g. a tied embedding as output head)
         first, second = value.b, value.a
-        first_contract = tuple(k + 1 for k in k_contract)
+        first_contract = tuple(k - na + 1 for k in k_contract)  # K axis -> B axis
         second_contract = lead + na
     else:
         return _fallback(eqn, invals)
