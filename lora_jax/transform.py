@@ -184,24 +184,24 @@ def _bind(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     return eqn.primitive.bind(*invals, **params)
 
 
-def _warn_once(name: str, primitive: str) -> None:
+def _warn_once(name: str, primitive: str, hint: str = "") -> None:
     if (name, primitive) in _warned:
         return
     _warned.add((name, primitive))
     warnings.warn(
         f"lora_jax: kernel {name!r} is used by `{primitive}`, which the LoRA interpreter does not "
         "rewrite; it materialises W + s*A@B for that use (correct, but it costs a dense kernel and "
-        "its gradient).",
+        f"its gradient).{hint}",
         LoraFallbackWarning,
         stacklevel=4,
     )
 
 
-def _materialize(values: Sequence[Any], primitive: str) -> list[Any]:
+def _materialize(values: Sequence[Any], primitive: str, hint: str = "") -> list[Any]:
     out = []
     for value in values:
         if isinstance(value, LoraValue):
-            _warn_once(value.name, primitive)
+            _warn_once(value.name, primitive, hint)
             value = value.dense()
         out.append(value)
     return out
@@ -288,8 +288,10 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     k_contract, x_contract = (lc, rc) if kernel_is_lhs else (rc, lc)
     k_batch, x_batch = (lb, rb) if kernel_is_lhs else (rb, lb)
     lead, na, nb = value.num_lead, value.num_a, value.num_b
-    # Stacked axes must be batch axes of the dot (a vmap over layers); others unsupported.
-    if tuple(k_batch) != tuple(range(lead)):
+    # Stacked (lead) axes of K are either batch axes of the dot or free axes (a vmap over
+    # layers gives one or the other); in both cases they pair A's and B's lead axes.
+    lead_is_batch = tuple(k_batch) == tuple(range(lead))
+    if not (lead_is_batch or (not k_batch and lead)):
         return _fallback(eqn, invals)
     a_axes, b_axes = set(range(lead, lead + na)), set(range(lead + na, lead + na + nb))
     if set(k_contract) == a_axes:  # x contracts with A: (x . A) . B
@@ -301,28 +303,36 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
         first_contract = tuple(k - na + 1 for k in k_contract)  # K axis -> B axis
         second_contract = lead + na
     else:
-        return _fallback(eqn, invals)
+        hint = (f" The dot contracts kernel axes {tuple(k_contract)} but the adapter splits it after "
+                f"{na} input axes: set LoraConfig.in_axes={{{value.name.rsplit('.', 1)[-1]!r}: "
+                f"{len(k_contract)}}} if those are its input axes.")
+        return _bind(eqn, _materialize(invals, eqn.primitive.name, hint))
 
     base = _bind(eqn, [lhs.w if kernel_is_lhs else lhs, rhs if kernel_is_lhs else rhs.w])
     dtype = value.w.dtype
     first, second = first.astype(dtype), second.astype(dtype)
     x = _dropout(x, value)
-    precision = eqn.params.get("precision")
-    preferred = eqn.params.get("preferred_element_type")
-    batch = tuple(range(lead))
-    nbatch = len(x_batch)
+    kw = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+    lead_axes = tuple(range(lead))
+    first_batch, x_batch = (lead_axes, tuple(x_batch)) if lead_is_batch else ((), ())
+    x_contract = tuple(x_contract)
     if kernel_is_lhs:
-        # (lead, [r], x_free) then (lead, k_free, x_free)
-        low = lax.dot_general(first, x, ((first_contract, tuple(x_contract)), (batch, tuple(x_batch))),
-                              precision=precision, preferred_element_type=preferred)
-        delta = lax.dot_general(second, low.astype(dtype), (((second_contract,), (nbatch,)), (batch, batch)),
-                                precision=precision, preferred_element_type=preferred)
+        # low: (lead, r, x_free); delta: (lead, k_free, x_free) = the dot's output layout
+        low = lax.dot_general(first, x, ((first_contract, x_contract), (first_batch, x_batch)), **kw)
+        delta = lax.dot_general(second, low.astype(dtype), (((second_contract,), (lead,)), (lead_axes, lead_axes)), **kw)
+    elif lead_is_batch:
+        # low: (lead, x_free, r); delta: (lead, x_free, k_free) = the dot's output layout
+        low = lax.dot_general(x, first, ((x_contract, first_contract), (x_batch, first_batch)), **kw)
+        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)), (lead_axes, lead_axes)), **kw)
     else:
-        # (batch, x_free, [r]) then (batch, x_free, k_free)
-        low = lax.dot_general(x, first, ((tuple(x_contract), first_contract), (tuple(x_batch), batch)),
-                              precision=precision, preferred_element_type=preferred)
-        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)), (batch, batch)),
-                                precision=precision, preferred_element_type=preferred)
+        # low: (x_free, lead, r); delta: (lead, x_free, k_rest) -> the dot's (x_free, lead, k_rest)
+        low = lax.dot_general(x, first, ((x_contract, first_contract), ((), ())), **kw)
+        n_free = low.ndim - lead - 1
+        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)),
+                                (tuple(range(n_free, n_free + lead)), lead_axes)), **kw)
+        delta = delta.transpose(tuple(range(lead, lead + n_free)) + lead_axes
+                                + tuple(range(lead + n_free, delta.ndim)))
     return base + (value.scaling * delta).astype(base.dtype)
 
 

@@ -294,3 +294,40 @@ def test_static_python_arguments_pass_through():
     adapter = random_adapter(config, params)
     fn = lora_jax.lora(model.apply, config)
     np.testing.assert_allclose(fn(params, adapter, x, train=True), 2 * fn(params, adapter, x, train=False))
+
+
+def test_einsum_projections_and_vmapped_stacked_kernels():
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"wq": {"kernel": jax.random.normal(k[0], (8, 2, 4))},
+              "wo": {"kernel": jax.random.normal(k[1], (2, 4, 8))},
+              "experts": {"kernel": jax.random.normal(k[2], (3, 8, 5))}}
+
+    def apply(p, x):
+        q = jnp.einsum("bsd,dhk->bshk", x, p["wq"]["kernel"])
+        h = jnp.einsum("bshk,hkd->bsd", q, p["wo"]["kernel"])
+        # one expert per leading slice: a dot with the stacked axis as a batch axis
+        return jax.vmap(lambda w, hh: hh @ w, in_axes=(0, None))(p["experts"]["kernel"], h)
+
+    config = lora_jax.LoraConfig(r=2, target_modules=["wq", "wo", "experts"], in_axes={"wo": 2},
+                                 stacked_modules=["experts"])
+    adapter = random_adapter(config, params)
+    x = jax.random.normal(k[3], (2, 3, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraFallbackWarning)
+        out = jax.jit(lora_jax.lora(apply, config))(params, adapter, x)
+    np.testing.assert_allclose(out, apply(dense_reference(params, adapter, config), x), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_contracted_on_unexpected_axes_is_exact_and_names_in_axes():
+    params = {"out": {"kernel": jax.random.normal(jax.random.key(0), (2, 4, 8))}}
+
+    def apply(p, x):
+        return jnp.einsum("bhk,hkd->bd", x, p["out"]["kernel"])  # contracts two input axes
+
+    config = lora_jax.LoraConfig(r=2, target_modules=["out"])  # default: one input axis
+    adapter = random_adapter(config, params)
+    x = jax.random.normal(jax.random.key(1), (3, 2, 4))
+    lora_jax.transform._warned.clear()
+    with pytest.warns(LoraFallbackWarning, match="in_axes"):
+        out = lora_jax.lora(apply, config)(params, adapter, x)
+    np.testing.assert_allclose(out, apply(dense_reference(params, adapter, config), x), rtol=1e-5, atol=1e-4)
