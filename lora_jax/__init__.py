@@ -10,6 +10,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.init import init
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.optim import masked_optimizer
+from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
 from lora_jax.transform import LoraFallbackWarning, lora
 from lora_jax.tree import (
     Target,
@@ -27,20 +28,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
+    "LoadedPeft",
     "LoraFallbackWarning",
     "Target",
     "check_adapter",
     "combine",
     "count_parameters",
     "find_targets",
+    "from_peft",
     "init",
     "lora",
+    "load_peft",
     "lora_delta",
     "masked_optimizer",
     "merge",
     "module_names",
     "partition",
     "print_trainable_parameters",
+    "save_peft",
+    "to_peft",
     "trainable_mask",
     "unmerge",
 ]

