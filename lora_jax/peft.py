@@ -2,7 +2,8 @@
 
     lora_jax.save_peft("out/adapter", adapter, config, params)
     # PyTorch: PeftModel.from_pretrained(torch_model, "out/adapter")
-    adapter, config, params = lora_jax.load_peft("out/adapter", params)
+    adapter, config = loaded = lora_jax.load_peft("out/adapter", params)
+    params = loaded.params  # with any modules_to_save / bias tensors of the file
 
 The format (peft 0.21): a directory with ``adapter_config.json``,
 ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) and a model card.
