@@ -11,7 +11,7 @@ from lora_jax.init import init
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.optim import masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
-from lora_jax.transform import LoraFallbackWarning, lora
+from lora_jax.transform import LoraFallbackWarning, infer_in_axes, lora
 from lora_jax.tree import (
     Target,
     check_adapter,
@@ -36,6 +36,7 @@ __all__ = [
     "count_parameters",
     "find_targets",
     "from_peft",
+    "infer_in_axes",
     "init",
     "lora",
     "load_peft",

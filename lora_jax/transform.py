@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,9 +30,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import LoraConfig, pattern_key
 from lora_jax.merge import lora_delta
-from lora_jax.tree import Adapter, check_adapter, find_targets
+from lora_jax.tree import Adapter, check_adapter, find_targets, select_modules
 
 
 class LoraFallbackWarning(UserWarning):
@@ -101,21 +102,7 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
         targets = find_targets(config, params)
         check_adapter(targets, adapter)
         by_path = {t.path: t for t in targets.values()}
-        paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(params)
-        param_leaves = [leaf for _, leaf in paths_leaves]
-
-        call_leaves, call_def = jax.tree.flatten((args, kwargs))
-        traced = [i for i, x in enumerate(call_leaves) if _is_array(x)]
-
-        def flat_fn(param_leaves: list[Any], traced_leaves: list[Any]) -> Any:
-            leaves = list(call_leaves)
-            for i, x in zip(traced, traced_leaves):
-                leaves[i] = x
-            call_args, call_kwargs = jax.tree.unflatten(call_def, leaves)
-            return apply_fn(jax.tree.unflatten(params_def, param_leaves), *call_args, **call_kwargs)
-
-        traced_leaves = [call_leaves[i] for i in traced]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, traced_leaves)
+        closed, out_tree, paths_leaves, traced_leaves = _trace(apply_fn, params, args, kwargs)
 
         use_dropout = lora_rng is not None and config.lora_dropout > 0
         invals = []
@@ -137,13 +124,115 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
             ))
         outs = _eval_jaxpr(closed.jaxpr, closed.consts, invals + traced_leaves)
         outs = _materialize(outs, "output")
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+        return jax.tree.unflatten(out_tree, outs)
 
     return apply
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _trace(apply_fn: Callable[..., Any], params: Any, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[jcore.ClosedJaxpr, Any, list[Any], list[Any]]:
+    """Trace ``apply_fn(params, *args, **kwargs)`` with params leaves and array args as inputs.
+
+    Returns the closed jaxpr, the output treedef, params' ``(path, leaf)`` pairs and
+    the traced argument leaves; the jaxpr's inputs are params leaves, then those.
+    Non-array arguments (flags, strings) are closed over as constants.
+    """
+    paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(params)
+    call_leaves, call_def = jax.tree.flatten((args, kwargs))
+    traced = [i for i, x in enumerate(call_leaves) if _is_array(x)]
+
+    def flat_fn(param_leaves: list[Any], traced_leaves: list[Any]) -> Any:
+        leaves = list(call_leaves)
+        for i, x in zip(traced, traced_leaves):
+            leaves[i] = x
+        call_args, call_kwargs = jax.tree.unflatten(call_def, leaves)
+        return apply_fn(jax.tree.unflatten(params_def, param_leaves), *call_args, **call_kwargs)
+
+    traced_leaves = [call_leaves[i] for i in traced]
+    param_leaves = [leaf for _, leaf in paths_leaves]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, traced_leaves)
+    return closed, jax.tree.structure(out_shape), paths_leaves, traced_leaves
+
+
+def infer_in_axes(config: LoraConfig, apply_fn: Callable[..., Any], params: Any, *args: Any,
+                  **kwargs: Any) -> LoraConfig:
+    """``config`` with ``in_axes`` read off how ``apply_fn`` contracts each N-D kernel.
+
+    Example::
+
+        config = LoraConfig(r=8, target_modules="all-linear")
+        config = infer_in_axes(config, model.apply, params, x)
+        config.in_axes  # e.g. {"block0\\.attn\\.out": 2} for a (heads, head_dim, d) kernel
+
+    Only shapes are traced (``args`` may be ``jax.ShapeDtypeStruct``s). A kernel
+    the model contracts on its leading ``n`` axes (after any stacked-layer axis)
+    gets ``n`` input axes; entries already in ``config.in_axes`` win; 2-D
+    kernels and kernels used otherwise keep the default of one input axis.
+    """
+    selected, kernels = select_modules(config, params)
+    candidates = {}
+    for module_name in selected:
+        path, _, leaf = kernels[module_name]
+        if len(np.shape(leaf)) > 2:
+            candidates[path] = (module_name, 1 if config.is_stacked(module_name) else 0)
+    closed, _, paths_leaves, _ = _trace(apply_fn, params, args, kwargs)
+    env = {var: candidates[path] for var, (path, _) in zip(closed.jaxpr.invars, paths_leaves)
+           if path in candidates}
+    found: dict[str, set[int]] = {}
+    _contractions(closed.jaxpr, env, found)
+    in_axes = dict(config.in_axes)
+    for module_name, counts in found.items():
+        if len(counts) == 1 and counts != {1} and pattern_key(in_axes, module_name) is None:
+            in_axes[re.escape(module_name)] = counts.pop()
+    return config.replace(in_axes=in_axes)
+
+
+def _contractions(jaxpr: jcore.Jaxpr, env: dict[Any, tuple[str, int]], found: dict[str, set[int]]) -> None:
+    """Record, per kernel, how many leading (non-stacked) axes each dot contracts."""
+    for eqn in jaxpr.eqns:
+        tracked = [env.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
+        if not any(tracked):
+            continue
+        name = eqn.primitive.name
+        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint"):
+            env[eqn.outvars[0]] = tracked[0]
+        elif name == "dot_general":
+            (lc, rc), _ = eqn.params["dimension_numbers"]
+            for info, contract in zip(tracked, (lc, rc)):
+                if info is not None:
+                    module_name, lead = info
+                    if sorted(contract) == list(range(lead, lead + len(contract))):
+                        found.setdefault(module_name, set()).add(len(contract))
+        else:
+            for inner, inner_vals in _subjaxprs(eqn, tracked):
+                _contractions(inner, {v: t for v, t in zip(inner.invars, inner_vals) if t}, found)
+
+
+def _subjaxprs(eqn: jcore.JaxprEqn, tracked: list[Any]) -> list[tuple[jcore.Jaxpr, list[Any]]]:
+    """Inner jaxprs of call and control-flow equations, with what flows into their inputs."""
+    params = eqn.params
+    name = eqn.primitive.name
+    if name in ("pjit", "jit"):
+        return [(params["jaxpr"].jaxpr, tracked)]
+    if name == "closed_call":
+        return [(params["call_jaxpr"].jaxpr, tracked)]
+    if name in ("checkpoint", "remat2"):
+        return [(params["jaxpr"], tracked)]
+    if name == "scan":
+        n_fixed = params["num_consts"] + params["num_carry"]
+        xs = [(t[0], t[1] - 1) if t and t[1] else None for t in tracked[n_fixed:]]
+        return [(params["jaxpr"].jaxpr, tracked[:n_fixed] + xs)]
+    if name == "cond":
+        return [(branch.jaxpr, tracked[1:]) for branch in params["branches"]]
+    if name == "while":
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        carry = tracked[n_cond + n_body :]
+        return [(params["body_jaxpr"].jaxpr, tracked[n_cond : n_cond + n_body] + carry)]
+    return []
 
 
 # -- the interpreter --------------------------------------------------------------------

@@ -112,25 +112,16 @@ class Target:
 _DEFAULT_CONFIG = LoraConfig(target_modules="all-linear")
 
 
-def _closest_first(name: str, names: list[str]) -> list[str]:
-    scored = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, name, n).ratio())
-    return scored
-
-
 def _describe_names(wanted: str, names: list[str], limit: int = 12) -> str:
-    ordered = _closest_first(wanted, names)
+    ordered = sorted(names, key=lambda n: -difflib.SequenceMatcher(None, wanted, n).ratio())
     shown = ", ".join(ordered[:limit])
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return f"module names with a kernel, closest first: {shown}{more}"
 
 
-def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
-    """The kernels ``config`` selects in ``params``, by module name, in tree order.
-
-    Raises ``ValueError`` naming what is wrong when a target, pattern or
-    ``modules_to_save`` entry matches nothing, a rank does not fit its
-    kernel, or a selected leaf is not an array of rank >= 2.
-    """
+def select_modules(config: LoraConfig, params: Any) -> tuple[list[str], dict[str, tuple[KeyPath, str, Any]]]:
+    """Module names ``config`` targets (before shape checks), and ``{module: (path, leaf_name, leaf)}``
+    for every kernel leaf."""
     candidates: dict[str, tuple[KeyPath, str, Any]] = {}
     for path, module_name, leaf_name, leaf in named_leaves(params):
         if leaf_name not in config.kernel_names:
@@ -182,7 +173,17 @@ def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
             f"exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={config.layers_to_transform!r}); {_describe_names(str(spec), names)}."
         )
+    return selected, candidates
 
+
+def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
+    """The kernels ``config`` selects in ``params``, by module name, in tree order.
+
+    Raises ``ValueError`` naming what is wrong when a target, pattern or
+    ``modules_to_save`` entry matches nothing, a rank does not fit its
+    kernel, or a selected leaf is not an array of rank >= 2.
+    """
+    selected, candidates = select_modules(config, params)
     for field in ("rank_pattern", "alpha_pattern", "in_axes"):
         for key in getattr(config, field):
             if not any(pattern_key({key: None}, n) for n in selected):

@@ -331,3 +331,31 @@ def test_kernel_contracted_on_unexpected_axes_is_exact_and_names_in_axes():
     with pytest.warns(LoraFallbackWarning, match="in_axes"):
         out = lora_jax.lora(apply, config)(params, adapter, x)
     np.testing.assert_allclose(out, apply(dense_reference(params, adapter, config), x), rtol=1e-5, atol=1e-4)
+
+
+def test_infer_in_axes_reads_how_the_model_contracts_each_kernel():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x, x), None
+
+    model = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return model(name="blocks")(x, None)[0]
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    params = net.init(jax.random.key(1), x)
+    config = lora_jax.LoraConfig(r=2, target_modules="all-linear", stacked_modules=r"blocks\..*")
+    shapes = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    inferred = lora_jax.infer_in_axes(config, net.apply, params, shapes)
+    assert inferred.in_axes == {r"blocks\.attn\.out": 2}
+    adapter = random_adapter(inferred, params)
+    assert adapter["blocks.attn.out"]["lora_A"].shape == (2, 2, 4, 2)  # (layers, heads, head_dim, r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoraFallbackWarning)
+        out = jax.jit(lora_jax.lora(net.apply, inferred))(params, adapter, x)
+    np.testing.assert_allclose(out, net.apply(dense_reference(params, adapter, inferred), x), rtol=1e-5, atol=1e-4)
