@@ -1,0 +1,176 @@
+"""Read llama.cpp GGUF files as a Hugging Face config plus Hugging Face-named tensors.
+
+Only the tensor names and the config are translated here; turning them into a params
+tree is the same code path as for safetensors (see ``loading.py``). Quantised tensors
+(Q4_1, Q8_0, ...) are dequantised to float32 with ``gguf.quants.dequantize`` when first
+asked for, so a big file is never fully expanded in memory at once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# GGUF architecture name -> Hugging Face model_type. Mistral checkpoints convert to "llama".
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor, or None for tensors we do not map.
+
+    Example:
+        >>> hf_tensor_name("blk.3.attn_q.weight")
+        'model.layers.3.self_attn.q_proj.weight'
+    """
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _LAYER_PATTERN.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_TENSORS:
+        return None
+    layer, part, leaf = match.groups()
+    return f"model.layers.{layer}.{_LAYER_TENSORS[part]}.{leaf}"
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K projection rows (or biases).
+
+    llama.cpp's rotary kernel rotates adjacent pairs (2j, 2j+1) of each head, Hugging
+    Face rotates (j, j + head_dim/2); its converter therefore interleaves the two halves
+    of each head's rows. This puts them back: per head, (half, 2) -> (2, half).
+
+    Example:
+        >>> unpermute_rotary_rows(np.array([0, 2, 1, 3]), num_heads=1)
+        array([0, 1, 2, 3])
+    """
+    half = weight.shape[0] // num_heads // 2
+    grouped = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weight.shape)
+
+
+class GGUFTensors:
+    """Hugging Face-named, lazily dequantised float32 tensors of a GGUF file.
+
+    ``keys()`` lists the Hugging Face names; ``get(name)`` returns a numpy array in torch
+    layout ((out, in) for linear weights).
+    """
+
+    def __init__(self, reader: Any, config: dict[str, Any], rotary_permuted: bool) -> None:
+        self._reader_tensors = {}
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            if name is not None:
+                self._reader_tensors[name] = tensor
+        self._config = config
+        self._rotary_permuted = rotary_permuted
+
+    def keys(self) -> list[str]:
+        return list(self._reader_tensors)
+
+    def get(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self._reader_tensors[name]
+        array = dequantize(tensor.data, tensor.tensor_type)
+        # GGUF lists dimensions fastest-first; torch layout is the reverse.
+        array = np.asarray(array, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
+        if self._rotary_permuted and (".q_proj." in name or ".k_proj." in name):
+            heads_key = "num_attention_heads" if ".q_proj." in name else "num_key_value_heads"
+            array = unpermute_rotary_rows(array, self._config[heads_key])
+        return array
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    value = field.contents()
+    return value
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
+    """The Hugging Face ``config.json`` dict and the tensors of a GGUF file.
+
+    Example:
+        >>> config, tensors = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+        >>> config["model_type"], tensors.get("model.norm.weight").shape  # doctest: +SKIP
+        ('llama', (576,))
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: "
+            f"{sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise NotImplementedError(
+            f"{path}: per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1 "
+            "style) are not supported from GGUF; load the Hugging Face safetensors instead"
+        )
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+    if vocab is None:
+        vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1]
+    config: dict[str, Any] = {
+        "model_type": SUPPORTED_ARCHITECTURES[arch],
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "rope_parameters": {
+            "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            "rope_type": "default",
+        },
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        config["rope_parameters"].update(
+            rope_type="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor"))
+        )
+    elif scaling not in (None, "none"):
+        raise NotImplementedError(f"{path}: unsupported GGUF rope scaling {scaling!r}")
+    for ours, theirs in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
+        value = _field(reader, f"tokenizer.ggml.{theirs}")
+        if value is not None:
+            config[ours] = int(value)
+    # llama.cpp permutes Q/K rows only for architectures whose rotary kernel is the
+    # "normal" (adjacent pairs) one; Qwen2 uses the NeoX layout and is stored as is.
+    return config, GGUFTensors(reader, config, rotary_permuted=arch == "llama")

@@ -1,0 +1,294 @@
+"""Building blocks shared by the model families: norms, activations, RoPE and attention.
+
+Everything here is plain JAX on arrays (plus one tiny linen module, `RMSNorm`), so
+the jaxpr a model traces to contains only ordinary primitives: `dot_general` for
+every projection, `gather` for embedding lookups, `dynamic_update_slice` for the KV
+cache. That keeps the models friendly to jaxpr-level transforms such as LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# A large negative number rather than -inf: a fully masked row (a padding query)
+# then softmaxes to a uniform distribution instead of NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as in Llama: ``x / rms(x) * scale``, statistics in float32.
+
+    The param is ``scale`` of shape (dim,) (Hugging Face calls it ``weight``).
+
+    Example:
+        >>> norm = RMSNorm(eps=1e-6)
+        >>> y, _ = norm.init_with_output(jax.random.key(0), jnp.ones((2, 8)))
+        >>> y.shape
+        (2, 8)
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        # Hugging Face normalises in float32, casts back to the input dtype, then scales.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Names as in transformers' ACT2FN (`hidden_act` / `activation_function` in config.json).
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function a Hugging Face config names.
+
+    Example:
+        >>> activation("silu")(jnp.zeros(2))
+        Array([0., 0.], dtype=float32)
+    """
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
+    """Inverse frequencies (head_dim // 2,) for rotary embeddings, float32.
+
+    ``rope`` holds ``rope_theta``, ``rope_type`` and the scaling fields of that type, as in
+    transformers' ``config.rope_parameters``. Supported types: "default", "linear" (divide
+    by ``factor``) and "llama3" (Llama 3.1's wavelength-dependent smoothing).
+
+    Example:
+        >>> rope_inverse_frequencies(4, {"rope_theta": 10000.0, "rope_type": "default"})
+        array([1.  , 0.01], dtype=float32)
+    """
+    rope_type = rope.get("rope_type", "default")
+    theta = float(rope.get("rope_theta", 10000.0))
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = (1.0 / (theta**exponents)).astype(np.float32)
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return (inv_freq / float(rope["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor = float(rope["factor"])
+        low_freq_factor = float(rope["low_freq_factor"])
+        high_freq_factor = float(rope["high_freq_factor"])
+        old_context = float(rope["original_max_position_embeddings"])
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are stretched by `factor`, short ones kept, the band between
+        # interpolated smoothly (Llama 3.1 paper, section on long context).
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(
+        f"unsupported rope_type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of the rotary angles, each (batch, seq, 1, head_dim), float32.
+
+    Computed once per forward pass and shared by every layer's ``apply_rope``.
+    """
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` (batch, seq, heads, head_dim) by the angles from ``rope_angles``.
+
+    Uses Hugging Face's "rotate half" layout: the first and second halves of each head
+    form the (real, imaginary) pairs.
+    """
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------ attention
+
+
+def make_attention_mask(
+    query_slots: jax.Array,
+    key_slots: jax.Array,
+    padding_mask: jax.Array | None,
+    *,
+    causal: bool = True,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean mask (batch or 1, 1, q, k): True where a query may attend to a key.
+
+    Slots are positions in the (cached) sequence buffer, not RoPE positions: with left
+    padding they differ, and causality is about buffer order.
+
+    Args:
+        query_slots: (q,) buffer index of each query.
+        key_slots: (k,) buffer index of each key.
+        padding_mask: (batch, k) with 1 for real tokens, 0 for padding; or None.
+        causal: forbid attending to later slots.
+        sliding_window: if set, a query sees only the last ``sliding_window`` slots
+            (itself included), as transformers' Mistral / Qwen2.
+    """
+    mask = jnp.ones((query_slots.shape[0], key_slots.shape[0]), dtype=bool)
+    if causal:
+        mask = mask & (key_slots[None, :] <= query_slots[:, None])
+    if sliding_window is not None:
+        mask = mask & (key_slots[None, :] > query_slots[:, None] - sliding_window)
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & (padding_mask[:, None, None, :] != 0)
+    return mask
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Softmax attention with grouped-query heads; scores and softmax in float32.
+
+    Args:
+        query: (batch, q, heads, head_dim).
+        key, value: (batch, k, kv_heads, head_dim); ``heads`` must be a multiple of
+            ``kv_heads`` (each KV head serves ``heads // kv_heads`` query heads).
+        mask: boolean, broadcastable to (batch, 1, q, k); True = attend.
+        scale: multiplier of the scores, usually ``head_dim ** -0.5``.
+
+    Returns:
+        (batch, q, heads * head_dim) in the dtype of ``value``.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    grouped = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,btkd->bkgqt", grouped, key).astype(jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, value)
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
+def update_kv_cache(
+    layer_cache: dict[str, jax.Array], key: jax.Array, value: jax.Array, index: jax.Array
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Write ``key``/``value`` (batch, s, kv_heads, head_dim) at slot ``index`` of the cache.
+
+    Returns the full cached keys and values (batch, max_length, kv_heads, head_dim) and
+    the updated layer cache.
+    """
+    start = (0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
+    v = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
+    return k, v, {"k": k, "v": v}
+
+
+def empty_kv_cache(
+    num_layers: int,
+    batch_size: int,
+    max_length: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: Dtype,
+    *,
+    stacked: bool,
+) -> dict[str, Any]:
+    """A zeroed KV cache: ``{"index": int32 scalar, "layers": ...}``.
+
+    ``layers`` is a tuple of ``{"k", "v"}`` per layer (unrolled models) or one
+    ``{"k", "v"}`` with a leading layer axis (scanned models). ``index`` is the next
+    free slot, shared by the whole batch (rows are left-aligned by padding).
+    """
+    shape = (batch_size, max_length, kv_heads, head_dim)
+    if stacked:
+        layers: Any = {
+            "k": jnp.zeros((num_layers, *shape), dtype),
+            "v": jnp.zeros((num_layers, *shape), dtype),
+        }
+    else:
+        layers = tuple(
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(num_layers)
+        )
+    return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+def slots_and_positions(
+    input_ids: jax.Array, positions: jax.Array | None, cache: dict[str, Any] | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Query slots (s,), key slots (k,) and positions (batch, s) for a forward pass.
+
+    Without a cache the keys are this call's tokens; with one they are every slot of the
+    fixed-size buffer, and this call's tokens occupy ``index .. index + s - 1``.
+    """
+    batch, seq = input_ids.shape
+    start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+    query_slots = start + jnp.arange(seq, dtype=jnp.int32)
+    if cache is None:
+        key_slots = query_slots
+    else:
+        key_slots = jnp.arange(_cache_length(cache), dtype=jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(query_slots[None, :], (batch, seq))
+    return query_slots, key_slots, positions
+
+
+def _cache_length(cache: dict[str, Any]) -> int:
+    return jax.tree.leaves(cache["layers"])[0].shape[-3]
+
+
+def dense_init(stddev: float) -> Callable[..., jax.Array]:
+    """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only)."""
+    return nn.initializers.normal(stddev)

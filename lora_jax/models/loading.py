@@ -1,0 +1,544 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single or sharded),
+GGUF files, random init from a config; and the inverse, torch-layout state dicts.
+
+A param path maps to a Hugging Face tensor name by joining the path with dots and
+renaming the leaf: ``kernel``, ``embedding`` and ``scale`` become ``weight`` (``kernel``
+transposed, except GPT-2's Conv1D kernels, which torch already stores as (in, out)).
+Scanned layers (a leading layer axis under ``model.layers``) are stacked on load and
+unstacked on export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from . import bert, gpt2, llama
+from .gguf import read_gguf
+from .layers import Dtype
+
+Params = dict[str, Any]
+ParamPath = tuple[str, ...]
+
+_LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    build: Callable[..., nn.Module]
+    dummy_inputs: Callable[[], tuple]
+    # Checkpoints may or may not carry the base model's prefix ("bert.", "transformer.").
+    base_prefix: str
+    # Which kernels torch stores as an nn.Linear weight (out, in), i.e. need a transpose.
+    transposed: Callable[[ParamPath], bool]
+    # Node holding scanned layers (params with a leading layer axis), if supported.
+    scan_node: ParamPath | None
+    # Checkpoint tensors that are buffers or tied copies, skipped without a warning.
+    ignored: re.Pattern
+    causal_lm_architecture: str | None
+
+
+def _always(path: ParamPath) -> bool:
+    return True
+
+
+def _gpt2_transposed(path: ParamPath) -> bool:
+    return path[0] == "lm_head"
+
+
+_LLAMA = dict(
+    build=llama.build,
+    dummy_inputs=llama.dummy_inputs,
+    base_prefix="model.",
+    transposed=_always,
+    scan_node=("model", "layers"),
+    ignored=re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$"),
+)
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family(**_LLAMA, causal_lm_architecture="LlamaForCausalLM"),
+    "mistral": _Family(**_LLAMA, causal_lm_architecture="MistralForCausalLM"),
+    "qwen2": _Family(**_LLAMA, causal_lm_architecture="Qwen2ForCausalLM"),
+    "gpt2": _Family(
+        build=gpt2.build,
+        dummy_inputs=gpt2.dummy_inputs,
+        base_prefix="transformer.",
+        transposed=_gpt2_transposed,
+        scan_node=None,
+        ignored=re.compile(r"(.*\.)?attn\.(masked_)?bias$|lm_head\.weight"),
+        causal_lm_architecture="GPT2LMHeadModel",
+    ),
+    "bert": _Family(
+        build=bert.build,
+        dummy_inputs=bert.dummy_inputs,
+        base_prefix="bert.",
+        transposed=_always,
+        scan_node=None,
+        ignored=re.compile(r".*position_ids$|^cls\..*"),
+        causal_lm_architecture=None,
+    ),
+}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
+
+
+@dataclasses.dataclass
+class Model:
+    """A Flax module, its params and the Hugging Face config they came from.
+
+    ``model(*args, **kwargs)`` is ``module.apply({"params": params}, *args, **kwargs)``.
+
+    Attributes:
+        module: the linen module (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``,
+            ``BertForSequenceClassification``).
+        params: the params tree (no ``{"params": ...}`` wrapper), mirroring torch names.
+        config: the Hugging Face ``config.json`` content as a dict.
+        source: the directory or ``.gguf`` file it was loaded from, for ``tokenizer()``.
+
+    Example:
+        >>> model = from_pretrained("path/to/SmolLM2")  # doctest: +SKIP
+        >>> logits = model(jnp.array([[1, 2, 3]]))  # doctest: +SKIP
+    """
+
+    module: nn.Module
+    params: Params
+    config: dict[str, Any]
+    source: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Nested lists would reach jit as many scalar leaves; make them arrays first.
+        args = tuple(np.asarray(a) if isinstance(a, (list, tuple)) else a for a in args)
+        kwargs = {
+            k: np.asarray(v) if isinstance(v, (list, tuple)) else v for k, v in kwargs.items()
+        }
+        return _jitted_apply(self.module)({"params": self.params}, *args, **kwargs)
+
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer stored with the checkpoint (see ``load_tokenizer``)."""
+        if self.source is None:
+            raise ValueError("this model was not loaded from disk, so it has no tokenizer")
+        return load_tokenizer(self.source)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_apply(module: nn.Module) -> Callable[..., Any]:
+    # Op-by-op (eager) apply compiles every primitive separately: seconds even for tiny
+    # models. One jit per module (modules are hashable) is much faster.
+    return jax.jit(module.apply)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain ``config.json``-style dict from a dict, a transformers config object, or a
+    path to a checkpoint directory / config.json.
+
+    Example:
+        >>> config_to_dict({"model_type": "gpt2", "n_embd": 32})["n_embd"]
+        32
+    """
+    if isinstance(config, dict):
+        return dict(config)
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        path = path / "config.json" if path.is_dir() else path
+        return json.loads(path.read_text())
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise TypeError(
+        f"expected a config dict, a transformers config or a path, got {type(config).__name__}"
+    )
+
+
+def _family(config: dict[str, Any]) -> _Family:
+    model_type = config.get("model_type")
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    return _FAMILIES[model_type]
+
+
+def _architecture(config: dict[str, Any], architecture: str | None) -> str | None:
+    if architecture is not None:
+        return architecture
+    architectures = config.get("architectures") or [None]
+    return architectures[0]
+
+
+def build_module(
+    config: Any,
+    *,
+    dtype: Dtype = jnp.float32,
+    compute_dtype: Dtype | None = None,
+    scan_layers: bool = False,
+    architecture: str | None = None,
+    **options: Any,
+) -> nn.Module:
+    """The linen module for a Hugging Face config, without params.
+
+    Args:
+        config: dict, transformers config, or checkpoint directory.
+        dtype: dtype the params are stored in.
+        compute_dtype: dtype of activations; defaults to ``dtype``.
+        scan_layers: Llama family only: one ``nn.scan``-ed decoder layer.
+        architecture: e.g. "BertForSequenceClassification"; default from the config.
+
+    Example:
+        >>> module = build_module({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+        ...     "n_head": 4, "vocab_size": 50})
+        >>> type(module).__name__
+        'GPT2LMHeadModel'
+    """
+    config = config_to_dict(config)
+    family = _family(config)
+    # Accept "bfloat16", np.float32, jnp.bfloat16 alike; module fields must be hashable.
+    dtype = jnp.dtype(dtype)
+    compute_dtype = dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+    return family.build(
+        config,
+        dtype=compute_dtype,
+        param_dtype=dtype,
+        scan_layers=scan_layers,
+        architecture=_architecture(config, architecture),
+        **options,
+    )
+
+
+def from_config(
+    config: Any,
+    *,
+    seed: int = 0,
+    dtype: Dtype = jnp.float32,
+    compute_dtype: Dtype | None = None,
+    scan_layers: bool = False,
+    architecture: str | None = None,
+) -> Model:
+    """A randomly initialised model, for tests: kernels and embeddings normal(0,
+    ``initializer_range``), norm scales one, biases zero; same ``seed``, same params.
+
+    Example:
+        >>> model = from_config({"model_type": "llama", "hidden_size": 32,
+        ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        ...     "vocab_size": 50})
+        >>> model.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"].shape
+        (32, 32)
+    """
+    config = config_to_dict(config)
+    module = build_module(
+        config,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        scan_layers=scan_layers,
+        architecture=architecture,
+    )
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), *_family(config).dummy_inputs())
+    )["params"]
+    # Filled with numpy rather than module.init: compiling the init's many random draws
+    # takes seconds on CPU, and this also mirrors transformers' init (normal weights,
+    # unit norm scales, zero biases).
+    rng = np.random.default_rng(seed)
+    std = float(config.get("initializer_range", 0.02))
+
+    def fill(path: ParamPath, spec: jax.ShapeDtypeStruct) -> jax.Array:
+        if path[-1] in ("kernel", "embedding"):
+            value = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
+        elif path[-1] == "scale":
+            value = np.ones(spec.shape, np.float32)
+        else:
+            value = np.zeros(spec.shape, np.float32)
+        return jnp.asarray(value, dtype=spec.dtype)
+
+    params = unflatten_dict({p: fill(p, s) for p, s in flatten_dict(shapes).items()})
+    return Model(module, params, config)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _hf_name(path: ParamPath) -> str:
+    return ".".join((*path[:-1], _LEAF_TO_HF[path[-1]]))
+
+
+def _candidate_names(name: str, prefix: str) -> list[str]:
+    """Names a tensor may have in a checkpoint: as is, without / with the base-model
+    prefix, and with old BERT LayerNorm leaf names (gamma / beta)."""
+    names = [name, name[len(prefix) :] if name.startswith(prefix) else prefix + name]
+    if ".LayerNorm." in name:
+        names += [n.replace(".weight", ".gamma").replace(".bias", ".beta") for n in names]
+    return names
+
+
+class _SafetensorsCheckpoint:
+    """Tensors of one or several (sharded) safetensors files, read as numpy on demand."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="np") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._where[name].get_tensor(name)
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    raise FileNotFoundError(
+        f"{directory} has config.json but no weights: expected model.safetensors, "
+        "model.safetensors.index.json (sharded) or *.safetensors (PyTorch .bin files are "
+        "not supported; convert them with transformers' save_pretrained)"
+    )
+
+
+def _load_params(
+    module: nn.Module,
+    family: _Family,
+    checkpoint: Any,
+    dtype: Dtype,
+    source: str,
+) -> Params:
+    """Params for ``module`` filled from ``checkpoint`` (``keys()`` / ``get(name)`` in
+    torch layout), with every shape checked against what the module expects."""
+    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), *family.dummy_inputs()))[
+        "params"
+    ]
+    available = set(checkpoint.keys())
+    used: set[str] = set()
+
+    def fetch(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        name = _hf_name(path)
+        found = next(
+            (n for n in _candidate_names(name, family.base_prefix) if n in available), None
+        )
+        if found is None:
+            sample = sorted(available)[:5]
+            raise KeyError(
+                f"{source}: no tensor {name!r} (param {'.'.join(path)}, shape {shape}) in the "
+                f"checkpoint; it has {len(available)} tensors, e.g. {sample}"
+            )
+        used.add(found)
+        array = checkpoint.get(found)
+        transpose = path[-1] == "kernel" and family.transposed(path)
+        torch_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        if tuple(array.shape) != torch_shape:
+            raise ValueError(
+                f"{source}: tensor {found!r} has shape {tuple(array.shape)}, expected "
+                f"{torch_shape} (param {'.'.join(path)} of shape {tuple(shape)})"
+            )
+        return array.T if transpose else array
+
+    flat: dict[ParamPath, jax.Array] = {}
+    scan = family.scan_node
+    for path, spec in flatten_dict(expected).items():
+        if scan is not None and path[: len(scan)] == scan and not path[len(scan)].isdigit():
+            rest = path[len(scan) :]
+            layers = [fetch((*scan, str(i), *rest), spec.shape[1:]) for i in range(spec.shape[0])]
+            flat[path] = jnp.asarray(np.stack(layers), dtype=dtype)
+        else:
+            flat[path] = jnp.asarray(fetch(path, spec.shape), dtype=dtype)
+
+    unexpected = sorted(n for n in available - used if not family.ignored.fullmatch(n))
+    if unexpected:
+        warnings.warn(
+            f"{source}: {len(unexpected)} checkpoint tensors are not used by "
+            f"{type(module).__name__}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}",
+            stacklevel=3,
+        )
+    return unflatten_dict(flat)
+
+
+def _find_gguf(path: Path) -> Path | None:
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    dtype: Dtype = jnp.float32,
+    compute_dtype: Dtype | None = None,
+    scan_layers: bool = False,
+    architecture: str | None = None,
+) -> Model:
+    """Load a local Hugging Face checkpoint directory or a GGUF file.
+
+    A directory needs ``config.json`` and ``model.safetensors`` (or a sharded
+    ``model.safetensors.index.json``); a ``.gguf`` file (or a directory holding exactly
+    one) is dequantised to ``dtype``. Nothing is downloaded.
+
+    Args:
+        path: the directory or ``.gguf`` file.
+        dtype: dtype of the params (float32 or bfloat16).
+        compute_dtype: dtype of activations; defaults to ``dtype``.
+        scan_layers: Llama family only: stack the decoder layers for ``nn.scan``.
+        architecture: override ``config.architectures[0]`` (e.g. load a BERT classifier
+            checkpoint as the bare "BertModel").
+
+    Returns:
+        ``Model(module, params, config, source)``.
+
+    Example:
+        >>> model = from_pretrained("/models/SmolLM2-135M-Instruct")  # doctest: +SKIP
+        >>> model(jnp.array([[1, 2, 3]])).shape  # doctest: +SKIP
+        (1, 3, 49152)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    gguf_file = _find_gguf(path)
+    if gguf_file is not None:
+        config, checkpoint = read_gguf(gguf_file)
+        source = str(gguf_file)
+    elif path.is_dir() and (path / "config.json").is_file():
+        config = config_to_dict(path)
+        _family(config)  # an unsupported model_type is the clearer error; raise it first
+        checkpoint = _SafetensorsCheckpoint(_checkpoint_files(path))
+        source = str(path)
+    else:
+        raise FileNotFoundError(
+            f"{path} is not a model: expected a directory with config.json and "
+            "model.safetensors (or model.safetensors.index.json), or a .gguf file"
+        )
+    family = _family(config)
+    options = {}
+    if config.get("model_type") == "bert":
+        # Checkpoints of BERT heads other than the classifier may lack the pooler.
+        keys = set(checkpoint.keys())
+        options["add_pooling_layer"] = bool(
+            {"pooler.dense.weight", "bert.pooler.dense.weight"} & keys
+        )
+    module = build_module(
+        config,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        scan_layers=scan_layers,
+        architecture=architecture,
+        **options,
+    )
+    params = _load_params(module, family, checkpoint, module.param_dtype, source)
+    return Model(module, params, config, source)
+
+
+def load_tokenizer(source: str | Path) -> Any:
+    """The transformers ``AutoTokenizer`` of a checkpoint directory or GGUF file (offline).
+
+    Example:
+        >>> tokenizer = load_tokenizer("/models/SmolLM2.Q4_1.gguf")  # doctest: +SKIP
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    gguf_file = _find_gguf(path)
+    if gguf_file is not None:
+        return AutoTokenizer.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
+        )
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _unwrap(params: Params) -> Params:
+    # Accept flax's {"params": ...} variables as well as the bare tree.
+    if set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
+    """Params as a transformers state dict: torch names and layouts, numpy arrays.
+
+    Scanned layers are unstacked; tied LM heads are left out (transformers re-ties them).
+
+    Example:
+        >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+        ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
+        >>> state = to_hf_state_dict(model.config, model.params)
+        >>> state["transformer.h.0.attn.c_attn.weight"].shape
+        (32, 96)
+    """
+    family = _family(config_to_dict(config))
+    scan = family.scan_node
+    state: dict[str, np.ndarray] = {}
+    for path, value in flatten_dict(_unwrap(params)).items():
+        array = np.asarray(value)
+        transpose = path[-1] == "kernel" and family.transposed(path)
+        if scan is not None and path[: len(scan)] == scan and not path[len(scan)].isdigit():
+            for i, layer in enumerate(array):
+                name = _hf_name((*scan, str(i), *path[len(scan) :]))
+                state[name] = np.ascontiguousarray(layer.T if transpose else layer)
+        else:
+            state[_hf_name(path)] = np.ascontiguousarray(array.T if transpose else array)
+    return state
+
+
+def _saved_architecture(config: dict[str, Any], params: Params) -> str:
+    family = _family(config)
+    if family.causal_lm_architecture is not None:
+        return family.causal_lm_architecture
+    return "BertForSequenceClassification" if "classifier" in params else "BertModel"
+
+
+def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers loads.
+
+    The safetensors metadata is ``{"format": "pt"}``; ``config.json`` gets the
+    ``architectures`` and ``dtype`` matching ``params``.
+
+    Example:
+        >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+        ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
+        >>> import tempfile; out = save_pretrained(tempfile.mkdtemp(), model.config, model.params)
+        >>> sorted(p.name for p in out.iterdir())
+        ['config.json', 'model.safetensors']
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = config_to_dict(config)
+    params = _unwrap(params)
+    state = to_hf_state_dict(config, params)
+    config["architectures"] = [_saved_architecture(config, params)]
+    float_dtypes = {
+        str(a.dtype)
+        for a in state.values()
+        if np.issubdtype(a.dtype, np.floating) or str(a.dtype) == "bfloat16"
+    }
+    if len(float_dtypes) == 1:
+        config["dtype"] = float_dtypes.pop()
+        config.pop("torch_dtype", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
