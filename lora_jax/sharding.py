@@ -1,0 +1,701 @@
+"""Sharding for LoRA: put the frozen params, the adapter and its optimizer state on a mesh.
+
+The frozen params get their layout from a preset strategy (data parallel, FSDP,
+tensor parallel, or FSDP x TP) plus optional user rules; the adapter follows
+the params: A takes W's layout on its stacked-layer and input axes, B on its
+stacked-layer and output axes, and the rank axis is always replicated. The
+optimizer state follows the adapter. Everything works on shapes, so it runs on
+``jax.ShapeDtypeStruct`` trees for models too big to hold on one host::
+
+    mesh = make_mesh(data=2, model=4)                      # 8 devices, 2 x 4
+    shardings = train_shardings(config, params, optimizer, mesh, strategy="fsdp_tp")
+    params, adapter, opt_state = shard_train_state(config, params, optimizer, shardings,
+                                                   key=jax.random.key(0))
+    step = make_sharded_step(loss_fn, optimizer, shardings)
+    adapter, opt_state, loss = step(params, adapter, opt_state,
+                                    shard_batch(batch, shardings.batch))
+
+Strategies (``param_specs``):
+
+- ``"dp"``: every parameter replicated; only the batch is split.
+- ``"fsdp"``: each parameter split over the data axis on its largest axis that
+  the axis size divides (a stacked layer axis is never split).
+- ``"tp"``: Megatron-style tensor parallelism over the model axis: the output
+  axis of column-parallel projections (``q/k/v/gate/up_proj``, ``lm_head``
+  and their biases), the input axis of row-parallel ones (``o_proj``,
+  ``down_proj``), the vocabulary axis of embedding tables; the rest is
+  replicated. On a ``(data, model)`` mesh this is DP x TP.
+- ``"fsdp_tp"``: ``"tp"`` on the model axis, then FSDP on the data axis.
+
+An axis that the mesh axis size does not divide is replicated instead, so no
+layout ever fails inside XLA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+
+from lora_jax.config import LoraConfig
+from lora_jax.init import init
+from lora_jax.merge import merge
+from lora_jax.tree import Adapter, find_targets, named_leaves
+
+Strategy = Literal["dp", "fsdp", "tp", "fsdp_tp"]
+STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")
+Rule = tuple[str, Any]  # (regex searched in "module.leaf", PartitionSpec or tuple)
+AxisName = str | tuple[str, ...]
+
+# Last component of a module name -> how tensor parallelism splits its kernel.
+COLUMN_PARALLEL = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj",
+    "c_attn", "c_fc", "query", "key", "value", "fc1", "wi", "wi_0", "wi_1", "w1", "w3",
+    "lm_head",
+)
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "c_proj", "fc2", "wo", "w2")
+
+_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def _is_spec_leaf(x: Any) -> bool:
+    return isinstance(x, (PartitionSpec, Sharding))
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    shape = getattr(x, "shape", None)  # arrays and jax.ShapeDtypeStruct
+    return tuple(shape) if shape is not None else tuple(np.shape(x))
+
+
+# -- meshes --------------------------------------------------------------------------------
+
+def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None = None,
+              data_axis: str = "data", model_axis: str = "model") -> Mesh:
+    """A ``(data, model)`` device mesh with ``Auto`` axis types.
+
+    Example::
+
+        mesh = make_mesh(data=2, model=4)   # 8 devices: 2-way data, 4-way model
+        mesh = make_mesh()                  # every device on the data axis, model = 1
+
+    ``-1`` for ``data`` takes every device that ``model`` leaves. ``Auto`` axes
+    let XLA choose the layout of intermediates; ``jax.make_mesh``'s default
+    ``Explicit`` axes make a LoRA train step fail with "Contracting dimensions
+    are sharded and it is ambiguous ...".
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if model <= 0 or len(devices) % model:
+            raise ValueError(f"model={model} does not divide the {len(devices)} devices.")
+        data = len(devices) // model
+    if data * model != len(devices):
+        raise ValueError(f"A {data} x {model} mesh needs {data * model} devices; {len(devices)} given.")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, model), (data_axis, model_axis), axis_types=auto, devices=devices)
+
+
+def _axis_sizes(mesh: Any) -> dict[str, int]:
+    """``{axis name: size}`` of a Mesh, an AbstractMesh or a plain mapping."""
+    shape = mesh if isinstance(mesh, Mapping) else mesh.shape
+    return {str(name): int(size) for name, size in shape.items()}
+
+
+def _names(axis: AxisName | None) -> tuple[str, ...]:
+    if axis is None:
+        return ()
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def _size(axis: AxisName | None, sizes: Mapping[str, int]) -> int:
+    return math.prod(sizes[name] for name in _names(axis))
+
+
+# -- parameter layouts ----------------------------------------------------------------------
+
+def param_specs(params: Any, mesh: Any, strategy: Strategy = "fsdp",
+                rules: Sequence[Rule] | None = None, *, config: LoraConfig | None = None,
+                data_axis: AxisName = "data", model_axis: str = "model") -> Any:
+    """A ``PartitionSpec`` for every leaf of ``params`` (a pytree like ``params``).
+
+    Example::
+
+        specs = param_specs(params, make_mesh(data=2, model=4), "fsdp_tp")
+        specs["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+        # PartitionSpec('data', 'model'): input axis over data, output over model
+
+    Args:
+        params: the frozen params, arrays or ``jax.ShapeDtypeStruct`` (shapes only).
+        mesh: a ``Mesh``, ``AbstractMesh`` or ``{axis name: size}``.
+        strategy: ``"dp"``, ``"fsdp"``, ``"tp"`` or ``"fsdp_tp"`` (module docstring).
+        rules: ``(regex, spec)`` pairs tried first, in order; the regex is
+            ``re.search``-ed in ``"module_name.leaf_name"`` (such as
+            ``"model.layers.0.self_attn.q_proj.kernel"``) and the first match
+            wins. A spec may have fewer entries than the leaf has axes (the
+            rest are replicated) but not more.
+        config: the ``LoraConfig``; its ``stacked_modules`` mark leaves whose
+            leading layer axis must stay whole (a ``lax.scan`` slices it), and
+            its ``in_axes`` say which kernel axes are inputs for tensor
+            parallelism. Without it kernels are taken as ``(in, *out)``.
+        data_axis: mesh axis (or tuple of axes) for the batch and FSDP.
+        model_axis: mesh axis for tensor parallelism.
+
+    Raises ``ValueError`` for an unknown strategy, a mesh without the axes the
+    strategy needs, or a rule whose spec does not fit its leaf.
+    """
+    sizes = _axis_sizes(mesh)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}.")
+    needed = []
+    if strategy in ("fsdp", "fsdp_tp"):
+        needed += list(_names(data_axis))
+    if strategy in ("tp", "fsdp_tp"):
+        needed.append(model_axis)
+    missing = [name for name in needed if name not in sizes]
+    if missing:
+        raise ValueError(
+            f"Strategy {strategy!r} needs mesh axes {tuple(needed)}, but the mesh has axes "
+            f"{tuple(sizes)}; build it with make_mesh(data=..., model=...) or pass "
+            "data_axis= / model_axis= naming your axes."
+        )
+    compiled_rules = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
+    kernel_names = tuple(config.kernel_names) if config is not None else _KERNEL_NAMES
+
+    specs = []
+    for _, module_name, leaf_name, leaf in named_leaves(params):
+        specs.append(_leaf_spec(module_name, leaf_name, _shape(leaf), sizes, strategy, compiled_rules,
+                                config, kernel_names, data_axis, model_axis))
+    return jax.tree.unflatten(jax.tree.structure(params), specs)
+
+
+def param_shardings(params: Any, mesh: Mesh, strategy: Strategy = "fsdp",
+                    rules: Sequence[Rule] | None = None, *, config: LoraConfig | None = None,
+                    data_axis: AxisName = "data", model_axis: str = "model") -> Any:
+    """:func:`param_specs` as ``NamedSharding``s on ``mesh``.
+
+    Example::
+
+        shardings = param_shardings(params, make_mesh(), "fsdp", config=config)
+        params = shard(params, shardings)
+    """
+    _check_auto_axes(mesh)
+    specs = param_specs(params, mesh, strategy, rules, config=config, data_axis=data_axis,
+                        model_axis=model_axis)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec_leaf)
+
+
+def _check_auto_axes(mesh: Any) -> None:
+    explicit = [name for name, kind in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+                if kind == jax.sharding.AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"Mesh axes {explicit} have AxisType.Explicit (jax.make_mesh's default), with which "
+            "a LoRA train step fails to partition its matmuls; build the mesh with "
+            "lora_jax.sharding.make_mesh(...) or jax.make_mesh(..., "
+            "axis_types=(jax.sharding.AxisType.Auto,) * n)."
+        )
+
+
+def _leaf_spec(module_name: str, leaf_name: str, shape: tuple[int, ...], sizes: dict[str, int],
+               strategy: str, rules: list[tuple[re.Pattern[str], Any]],
+               config: LoraConfig | None, kernel_names: tuple[str, ...],
+               data_axis: AxisName, model_axis: str) -> PartitionSpec:
+    full_name = f"{module_name}.{leaf_name}" if module_name else leaf_name
+    for pattern, spec in rules:
+        if pattern.search(full_name):
+            return _fit_rule(pattern.pattern, spec, full_name, shape, sizes)
+
+    ndim = len(shape)
+    entries: list[Any] = [None] * ndim
+    stacked = config is not None and config.is_stacked(module_name)
+    num_lead = 1 if stacked and ndim >= 2 else 0
+    if strategy in ("tp", "fsdp_tp"):
+        num_in = config.num_in_axes(module_name) if config is not None else 1
+        model_size = sizes[model_axis]
+        for axis in _tensor_parallel_axes(module_name, leaf_name, ndim, num_lead, num_in,
+                                          kernel_names):
+            if shape[axis] % model_size == 0:
+                entries[axis] = model_axis
+                break
+    if strategy in ("fsdp", "fsdp_tp"):
+        data_size = _size(data_axis, sizes)
+        free = [axis for axis in range(num_lead, ndim)
+                if entries[axis] is None and shape[axis] % data_size == 0]
+        if free:
+            largest = max(free, key=lambda axis: shape[axis])  # first of equal sizes
+            entries[largest] = data_axis
+    return PartitionSpec(*entries)
+
+
+def _tensor_parallel_axes(module_name: str, leaf_name: str, ndim: int, num_lead: int,
+                          num_in: int, kernel_names: tuple[str, ...]) -> list[int]:
+    """Axes that tensor parallelism may split, most wanted first."""
+    role = module_name.rsplit(".", 1)[-1]
+    if leaf_name == "embedding":  # (vocab, dim): vocab first
+        return list(range(num_lead, ndim))
+    if leaf_name in kernel_names and ndim >= num_lead + 2:
+        num_in = min(num_in, ndim - num_lead - 1)
+        inputs = list(range(num_lead, num_lead + num_in))
+        outputs = list(range(num_lead + num_in, ndim))
+        if role in COLUMN_PARALLEL:
+            return outputs
+        if role in ROW_PARALLEL:
+            return inputs
+        return []
+    if leaf_name == "bias" and role in COLUMN_PARALLEL:  # bias has the output axes
+        return list(range(num_lead, ndim))
+    return []
+
+
+def _fit_rule(pattern: str, spec: Any, full_name: str, shape: tuple[int, ...],
+              sizes: dict[str, int]) -> PartitionSpec:
+    entries = list(spec) if spec is not None else []
+    if len(entries) > len(shape):
+        raise ValueError(
+            f"Sharding rule {pattern!r} gives {full_name} the spec {PartitionSpec(*entries)} "
+            f"with {len(entries)} entries, but the leaf has shape {shape} ({len(shape)} axes); "
+            "write a spec with at most one entry per axis, or a narrower regex "
+            "(e.g. ending in r'\\.kernel$')."
+        )
+    used: list[str] = []
+    fitted = []
+    for axis, entry in enumerate(entries):
+        names = _names(entry)
+        unknown = [name for name in names if name not in sizes]
+        if unknown:
+            raise ValueError(
+                f"Sharding rule {pattern!r} for {full_name} names mesh axes {unknown}, "
+                f"but the mesh has axes {tuple(sizes)}."
+            )
+        twice = [name for name in names if name in used]
+        if twice:
+            raise ValueError(
+                f"Sharding rule {pattern!r} for {full_name} uses mesh axis {twice[0]!r} twice "
+                f"in {PartitionSpec(*entries)}."
+            )
+        used += names
+        size = math.prod(sizes[name] for name in names)
+        if names and shape[axis] % size:
+            warnings.warn(
+                f"Sharding rule {pattern!r}: axis {axis} of {full_name} (shape {shape}) has "
+                f"size {shape[axis]}, which mesh axes {names} of size {size} do not divide; "
+                "that axis is replicated instead.",
+                stacklevel=4,
+            )
+            entry = None
+        fitted.append(entry)
+    return PartitionSpec(*fitted)
+
+
+# -- adapter and optimizer layouts ------------------------------------------------------------
+
+def adapter_shardings(config: LoraConfig, params: Any, params_shardings: Any = None) -> Any:
+    """The adapter's layout derived from the kernels' (a pytree like the adapter).
+
+    Example::
+
+        shardings = param_shardings(params, mesh, "tp")
+        adapter_shardings(config, params, shardings)["model.layers.0.self_attn.q_proj"]
+        # {"lora_A": NamedSharding(P(None, None)), "lora_B": NamedSharding(P(None, "model"))}
+
+    For a kernel of layout ``lead + in + out``, A ``lead + in + (r,)`` gets
+    ``P(*lead, *in, None)`` and B ``lead + (r,) + out`` gets
+    ``P(*lead, None, *out)``: the low-rank products then need no more
+    communication than the base matmul. ``params_shardings`` is a pytree like
+    ``params`` of ``PartitionSpec``s or ``NamedSharding``s (the result has the
+    same kind); left out, each kernel's own ``.sharding`` is used.
+    """
+    targets = find_targets(config, params)
+    if params_shardings is None:
+        by_path = {path: leaf.sharding for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(params)[0] if hasattr(leaf, "sharding")}
+    else:
+        flat = jax.tree_util.tree_flatten_with_path(params_shardings, is_leaf=_is_spec_leaf)[0]
+        by_path = dict(flat)
+    out = {}
+    for name, target in targets.items():
+        if target.path not in by_path:
+            raise ValueError(
+                f"No sharding for kernel {name}.{target.leaf_name}: params_shardings must be a "
+                "pytree like params (e.g. from param_shardings), or params must hold sharded arrays."
+            )
+        out[name] = _split_kernel_sharding(by_path[target.path], target.num_lead, target.num_in,
+                                           len(target.shape), name)
+    return out
+
+
+def _split_kernel_sharding(sharding: Any, num_lead: int, num_in: int, ndim: int,
+                           name: str) -> dict[str, Any]:
+    if isinstance(sharding, PartitionSpec):
+        spec, wrap = sharding, (lambda s: s)
+    elif isinstance(sharding, NamedSharding):
+        spec = sharding.spec
+        mesh, kind = sharding.mesh, sharding.memory_kind
+
+        def wrap(s: PartitionSpec) -> NamedSharding:
+            return NamedSharding(mesh, s, memory_kind=kind)
+    elif isinstance(sharding, Sharding) and sharding.is_fully_replicated:
+        return {"lora_A": sharding, "lora_B": sharding}  # e.g. one device
+    else:
+        raise TypeError(
+            f"Kernel {name} has sharding {sharding!r}; adapter_shardings needs a PartitionSpec, "
+            "a NamedSharding or a fully replicated sharding."
+        )
+    entries = list(spec) + [None] * (ndim - len(spec))
+    lead = entries[:num_lead]
+    ins = entries[num_lead : num_lead + num_in]
+    outs = entries[num_lead + num_in :]
+    return {"lora_A": wrap(PartitionSpec(*lead, *ins, None)),
+            "lora_B": wrap(PartitionSpec(*lead, None, *outs))}
+
+
+def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def optimizer_shardings(optimizer: optax.GradientTransformation, trainable: Any,
+                        trainable_shardings: Any) -> Any:
+    """The layout of ``optimizer.init(trainable)``: each moment like its parameter.
+
+    Example::
+
+        opt_shardings = optimizer_shardings(optax.adamw(1e-3), adapter, adapter_shardings(...))
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(adapter)
+
+    A state leaf whose key path ends with a parameter's key path and has that
+    parameter's shape (Adam's ``mu`` and ``nu``, momentum, ...) gets the
+    parameter's sharding; anything else (step counts, scalars) is replicated.
+    ``trainable`` may hold ``jax.ShapeDtypeStruct``s.
+    """
+    state_shapes = jax.eval_shape(optimizer.init, trainable)
+    param_leaves = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    sharding_leaves = jax.tree.leaves(trainable_shardings, is_leaf=_is_spec_leaf)
+    if len(param_leaves) != len(sharding_leaves):
+        raise ValueError(
+            f"trainable has {len(param_leaves)} leaves but trainable_shardings has "
+            f"{len(sharding_leaves)}; they must be pytrees of the same structure."
+        )
+    by_path = {_key_names(path): (_shape(leaf), sharding)
+               for (path, leaf), sharding in zip(param_leaves, sharding_leaves)}
+    replicated = _replicated_like(sharding_leaves)
+
+    def pick(path: tuple[Any, ...], leaf: Any) -> Any:
+        names = _key_names(path)
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+def _replicated_like(shardings: Sequence[Any]) -> Any:
+    for sharding in shardings:
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+        if isinstance(sharding, Sharding) and sharding.is_fully_replicated:
+            return sharding
+    return PartitionSpec()
+
+
+def batch_sharding(mesh: Mesh, data_axis: AxisName = "data") -> NamedSharding:
+    """Split the leading (batch) axis over ``data_axis``; replicated if the mesh lacks it.
+
+    Example::
+
+        batch = shard_batch({"input_ids": ids}, batch_sharding(mesh))
+    """
+    sizes = _axis_sizes(mesh)
+    if all(name in sizes for name in _names(data_axis)):
+        return NamedSharding(mesh, PartitionSpec(data_axis))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# -- the training state on a mesh -------------------------------------------------------------
+
+class TrainShardings(NamedTuple):
+    """Where each part of a LoRA training state lives (pytrees of ``NamedSharding``)."""
+
+    params: Any
+    adapter: Any
+    opt_state: Any
+    batch: NamedSharding
+
+
+def train_shardings(config: LoraConfig, params: Any, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, strategy: Strategy = "fsdp", rules: Sequence[Rule] | None = None,
+                    *, adapter: Adapter | None = None, data_axis: AxisName = "data",
+                    model_axis: str = "model") -> TrainShardings:
+    """Layouts of the frozen params, the adapter, its optimizer state and the batch.
+
+    Example::
+
+        shardings = train_shardings(config, params, optax.adamw(1e-3), make_mesh(), "fsdp")
+
+    ``params`` (and ``adapter``, if given; else the adapter :func:`lora_jax.init`
+    would make) may be ``jax.ShapeDtypeStruct``s. See :func:`param_specs` for
+    ``strategy``, ``rules`` and the axis names.
+    """
+    p = param_shardings(params, mesh, strategy, rules, config=config, data_axis=data_axis,
+                        model_axis=model_axis)
+    a = adapter_shardings(config, params, p)
+    if adapter is None:
+        adapter = jax.eval_shape(lambda: init(config, params, jax.random.key(0)))
+    o = optimizer_shardings(optimizer, adapter, a)
+    return TrainShardings(params=p, adapter=a, opt_state=o, batch=batch_sharding(mesh, data_axis))
+
+
+def shard(tree: Any, shardings: Any) -> Any:
+    """Place ``tree`` by ``shardings`` (a pytree like it, or one ``Sharding`` for all).
+
+    Example::
+
+        params = shard(params, param_shardings(params, mesh, "fsdp"))
+
+    Host values (numpy, or arrays on one local device) are cut into the
+    shards this process owns, so on several hosts each process passes the
+    same full value and only its part is transferred. Arrays already spread
+    over the mesh are resharded with ``jax.device_put``.
+    """
+    def put(x: Any, sharding: Sharding) -> Any:
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda x: put(x, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
+
+
+def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
+    """Global arrays from this process's rows of the batch (every leaf split on axis 0).
+
+    Example::
+
+        batch = shard_batch({"input_ids": local_ids}, shardings.batch)
+
+    With one process ``batch`` is the whole batch; with several, each passes
+    its own consecutive rows (process ``i`` holds rows ``i*n .. (i+1)*n - 1``
+    of the global batch when the data axis runs across processes in order).
+    """
+    spec = sharding.spec
+    data_size = _size(spec[0], _axis_sizes(sharding.mesh)) if len(spec) else 1
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if jax.process_count() == 1 and (x.ndim == 0 or x.shape[0] % data_size):
+            raise ValueError(
+                f"A batch leaf of shape {x.shape} cannot be split over the data axis of size "
+                f"{data_size}; use a batch size that is a multiple of {data_size}."
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def shard_train_state(config: LoraConfig, params: Any, optimizer: optax.GradientTransformation,
+                      shardings: TrainShardings, *, key: jax.Array | None = None,
+                      adapter: Adapter | None = None) -> tuple[Any, Adapter, Any]:
+    """``(params, adapter, opt_state)`` placed on the mesh by ``shardings``.
+
+    Example::
+
+        params, adapter, opt_state = shard_train_state(config, params, optimizer, shardings,
+                                                       key=jax.random.key(0))
+
+    Give ``key`` to make a fresh adapter (``lora_jax.init``), created directly
+    in its shards, or ``adapter`` to place an existing one. The optimizer
+    state is created in place from the sharded adapter.
+    """
+    if (key is None) == (adapter is None):
+        raise ValueError("Pass exactly one of key= (a fresh adapter) or adapter= (an existing one).")
+    params = shard(params, shardings.params)
+    if adapter is None:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        adapter = jax.jit(lambda k: init(config, shapes, k), out_shardings=shardings.adapter)(key)
+    else:
+        adapter = shard(adapter, shardings.adapter)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(adapter)
+    return params, adapter, opt_state
+
+
+def make_sharded_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
+                      shardings: TrainShardings, *, has_aux: bool = False,
+                      donate: bool = True) -> Callable[..., Any]:
+    """A jitted train step over the adapter with the layouts of ``shardings``.
+
+    Example::
+
+        apply = lora_jax.lora(model.apply, config)
+
+        def loss_fn(params, adapter, batch):
+            logits = apply(params, adapter, batch["input_ids"])
+            return cross_entropy(logits, batch["labels"])
+
+        step = make_sharded_step(loss_fn, optimizer, shardings)
+        adapter, opt_state, loss = step(params, adapter, opt_state, batch)
+
+    The step is ``step(params, adapter, opt_state, batch, rng=None)`` and
+    returns ``(adapter, opt_state, loss)``, plus ``aux`` with ``has_aux``.
+    ``loss_fn(params, adapter, batch)`` returns the mean loss (or
+    ``(loss, aux)``); when the step gets an ``rng`` (for LoRA dropout) it is
+    called as ``loss_fn(params, adapter, batch, rng)``. Inputs must already
+    be laid out as ``shardings`` says (:func:`shard_train_state`,
+    :func:`shard_batch`); the loss and ``aux`` come back replicated, so every
+    process can read them. With ``donate`` the old adapter and optimizer
+    state buffers are reused for the new ones.
+    """
+    replicated = NamedSharding(shardings.batch.mesh, PartitionSpec())
+
+    def train_step(params: Any, adapter: Adapter, opt_state: Any, batch: Any,
+                   rng: jax.Array | None) -> tuple[Any, ...]:
+        def loss_of(adapter: Adapter) -> tuple[Any, Any]:
+            args = (params, adapter, batch) if rng is None else (params, adapter, batch, rng)
+            out = loss_fn(*args)
+            return out if has_aux else (out, None)
+
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(adapter)
+        updates, opt_state = optimizer.update(grads, opt_state, adapter)
+        adapter = optax.apply_updates(adapter, updates)
+        return (adapter, opt_state, loss, aux) if has_aux else (adapter, opt_state, loss)
+
+    outs = (shardings.adapter, shardings.opt_state, replicated) + ((replicated,) if has_aux else ())
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(shardings.params, shardings.adapter, shardings.opt_state, shardings.batch,
+                      None),
+        out_shardings=outs,
+        donate_argnums=(1, 2) if donate else (),
+    )
+
+    def step(params: Any, adapter: Adapter, opt_state: Any, batch: Any,
+             rng: jax.Array | None = None) -> tuple[Any, ...]:
+        return jitted(params, adapter, opt_state, batch, rng)
+
+    # step.lower(...).compile().memory_analysis() and friends, as on a jitted function.
+    step.lower = lambda params, adapter, opt_state, batch, rng=None: jitted.lower(  # type: ignore[attr-defined]
+        params, adapter, opt_state, batch, rng)
+    return step
+
+
+def sharded_merge(params: Any, adapter: Adapter, config: LoraConfig, shardings: Any = None, *,
+                  donate: bool = True) -> Any:
+    """:func:`lora_jax.merge` on the mesh: each merged kernel keeps W's sharding.
+
+    Example::
+
+        merged = sharded_merge(params, adapter, config)   # params are donated
+        logits = jax.jit(model.apply)(merged, tokens)
+
+    ``shardings`` (a pytree like ``params``) defaults to the params' own.
+    With ``donate`` (the default) the old params' buffers are reused, so
+    merging needs no second copy of the model, and ``params`` must not be
+    used afterwards.
+    """
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+    merge_fn = jax.jit(lambda p, a: merge(p, a, config), out_shardings=shardings,
+                       donate_argnums=(0,) if donate else ())
+    return merge_fn(params, adapter)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def save_sharded(directory: str | os.PathLike[str], tree: Any) -> None:
+    """Save a pytree of (sharded) arrays with orbax; each process writes its own shards.
+
+    Example::
+
+        save_sharded("/ckpt/step_100", {"adapter": adapter, "opt_state": opt_state})
+
+    Every process must call it with the same directory. An existing
+    checkpoint there is replaced. Returns when the write is complete.
+    """
+    import orbax.checkpoint as ocp  # orbax is slow to import; only checkpoints need it
+
+    path = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, tree, force=True)
+        checkpointer.wait_until_finished()
+
+
+def checkpoint_shapes(directory: str | os.PathLike[str]) -> Any:
+    """The saved tree as ``jax.ShapeDtypeStruct``s (named tuples come back as dicts).
+
+    Example::
+
+        shapes = checkpoint_shapes("/ckpt/params")
+        params = restore_sharded("/ckpt/params", param_shardings(shapes, mesh, "fsdp"))
+    """
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(Path(directory).absolute()).item_metadata.tree
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata)
+
+
+def restore_sharded(directory: str | os.PathLike[str], target: Any) -> Any:
+    """Read a :func:`save_sharded` checkpoint onto any mesh (each process reads its shards).
+
+    Example::
+
+        params = restore_sharded(path, param_shardings(params_shapes, new_mesh, "fsdp"))
+        adapter = restore_sharded(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+    ``target`` is a pytree like the saved one with a ``Sharding`` at each
+    leaf (shapes and dtypes come from the checkpoint), or with
+    ``jax.ShapeDtypeStruct``s that carry a ``sharding`` (which may change the
+    dtype), or a single ``Sharding`` for every leaf. The mesh may differ from
+    the one the checkpoint was saved from, in shape and in size.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata.tree
+        if isinstance(target, Sharding):
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=target), saved)
+        else:
+            abstract = _abstract_target(target, saved, path)
+        return checkpointer.restore(path, abstract)
+
+
+def _abstract_target(target: Any, saved: Any, path: Path) -> Any:
+    saved_by_name = {_key_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+    def abstract(key_path: tuple[Any, ...], leaf: Any) -> jax.ShapeDtypeStruct:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            if leaf.sharding is None:
+                raise ValueError(f"restore target {'.'.join(_key_names(key_path))} has no sharding.")
+            return leaf
+        names = _key_names(key_path)
+        if names not in saved_by_name:
+            raise ValueError(
+                f"restore target {'.'.join(names)} is not in the checkpoint at {path}; it holds "
+                f"{', '.join('.'.join(n) for n in list(saved_by_name)[:8])}"
+                + (" ..." if len(saved_by_name) > 8 else "") + "."
+            )
+        meta = saved_by_name[names]
+        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=leaf)
+
+    return jax.tree_util.tree_map_with_path(
+        abstract, target, is_leaf=lambda x: isinstance(x, (Sharding, jax.ShapeDtypeStruct)))
