@@ -232,3 +232,63 @@ def test_save_merged_casts_dtype_and_copies_tokenizer(llama_dir, tmp_path):
     assert (out / "tokenizer_config.json").exists()
     with pytest.raises(TypeError, match="model_config"):
         save_merged(tmp_path / "x", model.params, adapter, config)
+
+
+FAMILIES = {
+    "mistral": (lambda: transformers.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4),
+        transformers.AutoModelForCausalLM, ["q_proj", "v_proj", "down_proj"], None),
+    "qwen2": (lambda: transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
+        transformers.AutoModelForCausalLM, ["q_proj", "k_proj", "o_proj", "up_proj"], None),
+    "bert": (lambda: transformers.BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, num_labels=3),
+        transformers.AutoModelForSequenceClassification, ["query", "value", "dense"], ["classifier"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_adapter_parity_with_peft_for_other_families(family, tmp_path):
+    """lora_jax -> PeftModel, and a PEFT-trained adapter -> lora_jax, for Mistral, Qwen2, BERT."""
+    make_config, auto, targets, to_save = FAMILIES[family]
+    torch.manual_seed(0)
+    torch_model = auto.from_config(make_config()).eval()
+    with torch.no_grad():  # non-zero biases so a bias mistake shows
+        for pname, p in torch_model.named_parameters():
+            if pname.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    base_dir = tmp_path / "base"
+    quiet(torch_model.save_pretrained, str(base_dir))
+    model = models.from_pretrained(base_dir)
+
+    def torch_out(m):
+        with torch.no_grad():
+            return m(torch.as_tensor(IDS, dtype=torch.long)).logits.numpy()
+
+    def jax_out(params, adapter, config):
+        return jax.jit(lora_jax.lora(lambda p, ids: model.module.apply({"params": p}, ids), config))(
+            params, adapter, IDS)
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=to_save,
+                        bias="lora_only", rank_pattern={targets[0]: 2})
+    params = moved(model.params, config)
+    adapter = random_adapter(config, params)
+    save_peft(tmp_path / "ours", adapter, config, params, base_model_name_or_path=str(base_dir))
+    ours = peft.PeftModel.from_pretrained(quiet(auto.from_pretrained, str(base_dir)), str(tmp_path / "ours")).eval()
+    np.testing.assert_allclose(torch_out(ours), jax_out(params, adapter, config), atol=1e-4, rtol=1e-4)
+
+    # PyTorch-side adapter with random B, trained-looking biases and head: loads and matches.
+    peft_model = peft.get_peft_model(quiet(auto.from_pretrained, str(base_dir)), peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=targets, modules_to_save=to_save, bias="lora_only",
+        alpha_pattern={targets[-1]: 4}, use_rslora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    quiet(peft_model.save_pretrained, str(tmp_path / "theirs"))
+    adapter2, config2, params2 = unpack(load_peft(tmp_path / "theirs", model.params))
+    np.testing.assert_allclose(jax_out(params2, adapter2, config2), torch_out(peft_model.eval()),
+                               atol=1e-4, rtol=1e-4)
