@@ -1,0 +1,131 @@
+"""What a run shows and leaves behind: a progress bar, metrics.jsonl, a loss curve.
+
+    log = MetricsLog("run/metrics.jsonl")
+    log.write({"step": 1, "loss": 2.3})
+    plot_loss_curve(log.read(), "run/loss_curve.png")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class ProgressBar:
+    """A tqdm bar over training steps with loss, tokens/s and ETA.
+
+    Example::
+
+        bar = ProgressBar(total=100, initial=0)
+        bar.update(loss=2.31, tokens=1024)   # one step done
+        bar.close()
+
+    Tokens/s is measured from the second step shown, so the first step's
+    compilation does not count. With ``enabled=False`` nothing is printed.
+    """
+
+    def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, desc: str = "train") -> None:
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                         disable=not enabled, file=sys.stderr, smoothing=0.1)
+        self._start: float | None = None
+        self._tokens = 0
+
+    def update(self, *, loss: float, tokens: int, **extra: float) -> float | None:
+        """Advance one step; returns the tokens/s so far (None on the first step)."""
+        now = time.perf_counter()
+        rate = None
+        if self._start is None:
+            self._start = now
+        else:
+            self._tokens += tokens
+            rate = self._tokens / max(now - self._start, 1e-9)
+        postfix = {"loss": f"{loss:.4f}"}
+        if rate is not None:
+            postfix["tok/s"] = f"{rate:,.0f}"
+        postfix.update({k: f"{v:.4g}" for k, v in extra.items()})
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+        return rate
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar."""
+        self._bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class MetricsLog:
+    """Append-only JSON lines of metrics, one dict a line.
+
+    Example::
+
+        log = MetricsLog(path)
+        log.write({"step": 3, "loss": 1.9})
+        log.truncate_after(2)   # on resume from step 2: drop what will be redone
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut off by a kill
+                continue
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only the records of steps ``<= step``."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Write a PNG of training loss (and held-out loss, where recorded) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.35, color="tab:blue")
+        smoothed, value = [], 0.0
+        for t, loss in enumerate(losses, start=1):  # bias-corrected moving average: the trend
+            value = 0.9 * value + 0.1 * loss
+            smoothed.append(value / (1 - 0.9**t))
+        ax.plot(steps, smoothed, label="train loss (EMA 0.9)", linewidth=1.5, color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out loss", linewidth=1.5, color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title or "lora-jax fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
