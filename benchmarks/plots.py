@@ -1,0 +1,163 @@
+"""PNG figures of the benchmark results (matplotlib, Agg backend: no display needed).
+
+Each benchmark script draws its own figure; ``python benchmarks/plots.py`` redraws every
+figure from the JSON files already in ``benchmarks/results/`` (or ``--out-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"jax": "tab:blue", "torch": "tab:orange"}
+
+
+def _bars(ax: Any, labels: list[str], values: list[float], colors: list[str], title: str, xlabel: str) -> None:
+    y = range(len(labels))
+    ax.barh(list(y), values, color=colors)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    for i, v in enumerate(values):
+        if v == v:  # not NaN
+            ax.text(v, i, f" {v:.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=7)
+    ax.margins(x=0.2)
+
+
+def train_step(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Per size: step time (or GFLOP when compiled only) and memory of every variant."""
+    sizes = list(results)
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 3.2 * len(sizes)), squeeze=False)
+    for (left, right), size in zip(axes, sizes):
+        rows = results[size]
+        labels = [r["label"] for r in rows]
+        colors = [COLORS[r["framework"]] for r in rows]
+        if rows[0]["compiled_only"]:
+            _bars(left, labels, [r["gflops"] for r in rows], colors, f"{size}: XLA GFLOP per step (compiled, not run)",
+                  "GFLOP")
+            _bars(right, labels, [r["total_mib"] for r in rows], colors,
+                  f"{size}: compiled memory (args + outputs + temps)", "MiB")
+            continue
+        _bars(left, labels, [r["step_ms"] for r in rows], colors, f"{size}: median step time", "ms")
+        memory = [r.get("total_mib", float("nan")) for r in rows]
+        rss = [r["peak_rss_mib"] for r in rows]
+        y = range(len(rows))
+        right.barh([i - 0.2 for i in y], memory, height=0.4, color="tab:green", label="XLA compiled (JAX)")
+        right.barh([i + 0.2 for i in y], rss, height=0.4, color="tab:gray", label="process peak RSS")
+        right.set_yticks(list(y), labels, fontsize=8)
+        right.invert_yaxis()
+        right.set_title(f"{size}: memory", fontsize=9)
+        right.set_xlabel("MiB", fontsize=8)
+        right.set_xlim(0, 1.45 * max(v for v in memory + rss if v == v))  # room for the legend
+        right.legend(fontsize=7, loc="upper right")
+    fig.suptitle("Training step (AdamW), blue = JAX, orange = PyTorch", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def inference(rows: list[dict[str, Any]], path: Path) -> None:
+    """Decode latency per token and prefill time of base / merged / unmerged LoRA."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 2.8))
+    labels = [r["label"] for r in rows]
+    colors = ["tab:blue", "tab:green", "tab:red"][: len(rows)]
+    _bars(axes[0], labels, [r["decode_ms"] for r in rows], colors, "decode, batch 1: ms per token", "ms")
+    _bars(axes[1], labels, [r["prefill_ms"] for r in rows], colors, "prefill", "ms")
+    _bars(axes[2], labels, [r["decode_gflops"] * 1e3 for r in rows], colors, "decode: XLA MFLOP per token", "MFLOP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def scaling(result: dict[str, Any], path: Path) -> None:
+    """Step time and memory against rank and targets; compile time against depth."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ranks = result["rank"]
+    full = result["full"]
+    r = [row["rank"] for row in ranks]
+    ax = axes[0][0]
+    ax.plot(r, [row["step_ms"] for row in ranks], "o-", label="LoRA q,v")
+    ax.axhline(full["step_ms"], color="tab:red", ls="--", label="full fine-tuning")
+    ax.axhline(result["frozen"]["step_ms"], color="tab:gray", ls=":", label="frozen-base floor")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("median step ms")
+    ax.set_title("step time vs rank (q,v)", fontsize=9)
+    ax.legend(fontsize=7)
+
+    ax = axes[0][1]
+    ax.plot(r, [row["gflops_vs_full"] for row in ranks], "s-", label="XLA GFLOP")
+    ax.plot(r, [row["total_mib_vs_full"] for row in ranks], "o-", label="compiled memory")
+    ax.plot(r, [row["time_vs_full"] for row in ranks], "^-", label="step time (paired by round)")
+    ax.axhline(1.0, color="tab:red", ls="--", label="full fine-tuning")
+    ax.axhline(result["frozen"]["gflops_vs_full"], color="tab:gray", ls=":", label="frozen-base FLOP floor")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("LoRA / full fine-tuning")
+    ax.set_title("LoRA q,v relative to full fine-tuning", fontsize=9)
+    ax.legend(fontsize=7)
+
+    ax = axes[1][0]
+    targets = result["targets"]
+    labels = [row["targets"] for row in targets] + ["full FT"]
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], [row["step_ms"] for row in targets] + [full["step_ms"]], width=0.4,
+           label="step ms")
+    twin = ax.twinx()
+    twin.bar([i + 0.2 for i in x], [row["total_mib"] for row in targets] + [full["total_mib"]], width=0.4,
+             color="tab:green", label="compiled MiB")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("median step ms")
+    twin.set_ylabel("compiled MiB")
+    ax.set_title("targets (rank 8): step time (blue) and compiled memory (green)", fontsize=9)
+
+    ax = axes[1][1]
+    for scanned, style in ((False, "o-"), (True, "s-")):
+        rows = [row for row in result["depth"] if row["scanned"] == scanned]
+        name = "scanned" if scanned else "unrolled"
+        ax.plot([row["layers"] for row in rows], [row["lower_s"] + row["compile_s"] for row in rows], style,
+                label=f"{name}: trace + compile")
+        ax.plot([row["layers"] for row in rows], [row["lower_s"] for row in rows], style, alpha=0.5,
+                label=f"{name}: trace (LoRA interpreter + lowering)")
+        ax.plot([row["layers"] for row in rows], [row["plain_lower_s"] for row in rows], style, alpha=0.25,
+                label=f"{name}: trace without LoRA")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("seconds")
+    ax.set_title("LoRA train step compile time vs depth", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON results.")
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke"):
+        path = args.out_dir / f"{stem}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        if stem.startswith("train_step"):
+            train_step(data["results"], path.with_suffix(".png"))
+        elif stem.startswith("inference"):
+            inference(data["rows"], path.with_suffix(".png"))
+        else:
+            scaling(data, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
