@@ -34,6 +34,7 @@ from .layers import (
     dot_product_attention,
     empty_kv_cache,
     make_attention_mask,
+    output_logits,
     slots_and_positions,
     update_kv_cache,
 )
@@ -245,18 +246,9 @@ class GPT2LMHeadModel(nn.Module):
             cfg, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer"
         )
         hidden, new_cache = transformer(input_ids, attention_mask, positions, cache)
-        if cfg.tie_word_embeddings:
-            logits = transformer.wte.attend(hidden)
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=dense_init(cfg.initializer_range),
-                name="lm_head",
-            )(hidden)
-        logits = logits.astype(jnp.float32)
+        logits = output_logits(hidden, transformer.wte, tied=cfg.tie_word_embeddings,
+                               vocab_size=cfg.vocab_size, initializer_range=cfg.initializer_range,
+                               dtype=self.dtype, param_dtype=self.param_dtype)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:

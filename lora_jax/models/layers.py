@@ -292,3 +292,15 @@ def _cache_length(cache: dict[str, Any]) -> int:
 def dense_init(stddev: float) -> Callable[..., jax.Array]:
     """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only)."""
     return nn.initializers.normal(stddev)
+
+
+def output_logits(hidden: jax.Array, embedding: nn.Embed, *, tied: bool, vocab_size: int,
+                  initializer_range: float, dtype: Any, param_dtype: Any) -> jax.Array:
+    """float32 logits: through the tied ``embedding`` table, or an ``lm_head`` Dense
+    created in the calling module's scope (call it from a compact ``__call__``)."""
+    if tied:
+        logits = embedding.attend(hidden)
+    else:
+        logits = nn.Dense(vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=dense_init(initializer_range), name="lm_head")(hidden)
+    return logits.astype(jnp.float32)

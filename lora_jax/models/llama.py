@@ -36,6 +36,7 @@ from .layers import (
     dot_product_attention,
     empty_kv_cache,
     make_attention_mask,
+    output_logits,
     rope_angles,
     rope_inverse_frequencies,
     slots_and_positions,
@@ -356,18 +357,9 @@ class LlamaForCausalLM(nn.Module):
             cfg, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype, name="model"
         )
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        if cfg.tie_word_embeddings:
-            logits = model.embed_tokens.attend(hidden)
-        else:
-            logits = nn.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=dense_init(cfg.initializer_range),
-                name="lm_head",
-            )(hidden)
-        logits = logits.astype(jnp.float32)
+        logits = output_logits(hidden, model.embed_tokens, tied=cfg.tie_word_embeddings,
+                               vocab_size=cfg.vocab_size, initializer_range=cfg.initializer_range,
+                               dtype=self.dtype, param_dtype=self.param_dtype)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
