@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 BIAS_MODES = ("none", "all", "lora_only")
 # PEFT's default names for the container of numbered layers (layers_to_transform).
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -94,12 +96,25 @@ class LoraConfig:
         for name in ("rank_pattern", "alpha_pattern", "in_axes"):
             object.__setattr__(self, name, dict(getattr(self, name) or {}))
 
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not _is_positive_int(self.r):
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}.")
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
+            if not _is_positive_int(rank):
                 raise ValueError(
                     f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}."
+                )
+        _check_finite_number("lora_alpha", self.lora_alpha)
+        for key, alpha in self.alpha_pattern.items():
+            _check_finite_number(f"alpha_pattern[{key!r}]", alpha)
+        for key, count in self.in_axes.items():
+            if not _is_positive_int(count):
+                raise ValueError(f"LoraConfig.in_axes[{key!r}] must be a positive integer, got {count!r}.")
+        if self.layers_to_transform is not None:
+            bad = [i for i in self.layers_to_transform if not _is_int(i) or i < 0]
+            if bad:
+                raise ValueError(
+                    "LoraConfig.layers_to_transform must hold non-negative layer indices, "
+                    f"got {list(self.layers_to_transform)!r}."
                 )
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}.")
@@ -108,7 +123,7 @@ class LoraConfig:
                 "LoraConfig.init_lora_weights must be True, False or 'gaussian', "
                 f"got {self.init_lora_weights!r}."
             )
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.target_modules is None:
             raise ValueError(
@@ -159,6 +174,24 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_finite_number(name: str, value: Any) -> None:
+    """``lora_alpha``-like values: a finite real number (a string or NaN would train wrong)."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise ValueError(f"LoraConfig.{name} must be a finite number, got {value!r}.")
 
 
 def matches(spec: str | Sequence[str], module_name: str) -> bool:

@@ -161,6 +161,14 @@ def select_modules(config: LoraConfig, params: Any) -> tuple[list[str], dict[str
         selected = [n for n in selected if not matches(config.exclude_modules, n)]
     if config.layers_to_transform is not None:
         keep = set(config.layers_to_transform)
+        present = {layer_index(n, config.layers_pattern) for n in selected} - {None}
+        missing = sorted(keep - present)
+        if missing and present:
+            raise ValueError(
+                f"layers_to_transform {missing} names layers the targeted modules do not have; "
+                f"their layer indices are {min(present)}..{max(present)} "
+                f"(layers_pattern={config.layers_pattern!r})."
+            )
         selected = [n for n in selected if layer_index(n, config.layers_pattern) in keep]
         if any(config.is_stacked(n) for n in selected):
             raise ValueError(

@@ -172,3 +172,18 @@ def test_config_lists_become_tuples_and_round_trip_to_dict():
     config = lora_jax.LoraConfig(target_modules=["q", "v"], layers_to_transform=[0, 1])
     assert config.target_modules == ("q", "v") and config.to_dict()["target_modules"] == ["q", "v"]
     assert config == lora_jax.LoraConfig(**config.to_dict())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lora_alpha", float("nan")), ("lora_alpha", float("inf")), ("lora_alpha", "16"),
+    ("alpha_pattern", {"q": float("nan")}), ("r", "eight"), ("r", 2.0), ("lora_dropout", "0.1"),
+    ("in_axes", {"out": 0}), ("layers_to_transform", [-1]), ("layers_to_transform", ["0"]),
+])
+def test_config_refuses_values_that_cannot_be_meant(field, value):
+    with pytest.raises(ValueError, match=f"LoraConfig.{field}"):
+        lora_jax.LoraConfig(target_modules=["q"], **{field: value})
+
+
+def test_layers_to_transform_beyond_the_models_layers_is_an_error():
+    with pytest.raises(ValueError, match=r"layers_to_transform \[7\] names layers .* 0\.\.1"):
+        targets(target_modules=["q_proj"], layers_to_transform=[1, 7])
