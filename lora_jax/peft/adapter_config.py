@@ -169,7 +169,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_regex(value: str) -> bool:
+def _is_regex(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
     try:
         re.compile(value)
     except re.error:

@@ -220,7 +220,8 @@ def _finite_tensor(value: np.ndarray, dtype: np.dtype, source: str) -> np.ndarra
             f"{source} holds {bad} non-finite value(s) (NaN or inf) of {value.size}; refusing to save an "
             "adapter that would load as garbage (did training diverge?)."
         )
-    out = np.ascontiguousarray(value.astype(dtype))
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+        out = np.ascontiguousarray(value.astype(dtype))
     if jnp.issubdtype(out.dtype, jnp.inexact) and not np.isfinite(out).all():
         raise ValueError(
             f"{source} has values up to {float(np.abs(value).max()):.4g}, beyond the range of "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,7 +51,7 @@ def check_adapter_name(adapter_name: Any) -> None:
     """
     why = None
     if not isinstance(adapter_name, str):
-        why = f"it is a {type(adapter_name).__name__}, not a string"
+        why = f"it is of type {type(adapter_name).__name__}, not a string"
     elif not adapter_name:
         why = "it is empty"
     elif adapter_name in (".", ".."):
@@ -118,8 +119,9 @@ def find_adapter_dir(path: str | os.PathLike, adapter_name: str | None) -> Path:
 
     Args:
         path: the adapter directory.
-        adapter_name: None or "default" for ``path`` itself (or its only
-            named adapter is an error: the choice is the user's).
+        adapter_name: None or "default" for ``path`` itself; another plain
+            folder name for ``path/adapter_name``. When ``path`` holds only
+            named adapters, leaving it unset is an error that lists them.
 
     Returns:
         The folder; raises ``FileNotFoundError`` naming what the directory
@@ -175,7 +177,7 @@ def read_config(folder: Path) -> Any:
     file = folder / CONFIG_NAME
     expected = "expected a JSON object such as PEFT's save_pretrained writes"
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # tolerate the BOM some editors add
     except UnicodeDecodeError as err:
         raise PeftFormatError(f"{file} is not UTF-8 text (byte {err.start}); {expected}.") from None
     except OSError as err:
@@ -186,6 +188,8 @@ def read_config(folder: Path) -> Any:
         raise PeftFormatError(
             f"{file} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); {expected}."
         ) from None
+    except RecursionError:
+        raise PeftFormatError(f"{file} is nested too deeply to be an adapter config; {expected}.") from None
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -198,9 +202,28 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
         raise PeftFormatError(f"{file} is {'empty' if size == 0 else f'only {size} bytes'}; {expected}.")
     try:
         return safetensors.numpy.load_file(str(file))
-    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as err:
+    except AttributeError:  # safetensors.numpy looks up np.<dtype> for dtypes such as F8_E4M3
+        odd = _unreadable_dtypes(file)
+        raise PeftFormatError(
+            f"{file} holds tensors of a dtype numpy cannot represent ({odd}); expected float32, float16 "
+            "or bfloat16 tensors."
+        ) from None
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError, KeyError) as err:
         reason = str(err).removeprefix("Error while deserializing header: ")
         raise PeftFormatError(f"{file} cannot be read as safetensors ({reason}); {expected}.") from None
+
+
+def _unreadable_dtypes(file: Path) -> str:
+    """``key: dtype`` for the tensors of a safetensors header whose dtype is not a plain one."""
+    plain = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
+    try:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found = [f"{key!r}: {info['dtype']}" for key, info in header.items()
+                 if key != "__metadata__" and info.get("dtype") not in plain]
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return "unknown"
+    return ", ".join(found[:4]) + (", ..." if len(found) > 4 else "") or "unknown"
 
 
 def _read_bin(file: Path) -> dict[str, np.ndarray]:
@@ -218,11 +241,20 @@ def _read_bin(file: Path) -> dict[str, np.ndarray]:
 
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        # torch wraps every unpickler failure in the same paragraph; what was refused is inside it.
+        blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if blocked is None:
+            raise PeftFormatError(
+                f"{file} cannot be read by torch.load (not a valid PyTorch pickle); expected a PyTorch "
+                "state dict of tensors. It may be truncated or not a PyTorch file; re-export it, "
+                "preferably as adapter_model.safetensors."
+            ) from None
         raise PeftFormatError(
-            f"{file} holds pickled objects other than tensors, which torch.load(weights_only=True) "
-            "refuses; lora_jax never unpickles arbitrary objects (that could run code from the file). "
-            f"If you trust its source, {convert[0].lower()}{convert[1:]}"
+            f"{file} holds a pickled {blocked[1]} object, which torch.load(weights_only=True) refuses; "
+            "lora_jax never unpickles arbitrary objects (that could run code from the file). If you "
+            "trust its source, convert it in PyTorch to adapter_model.safetensors, keeping only its tensors "
+            "(PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True))."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = str(err).split("\n")[0][:200] or type(err).__name__

@@ -16,9 +16,12 @@ part                        torch shape           what it is
 ==========================  ====================  ==========================================
 
 PEFT keeps an adapter name in memory (``lora_A.default.weight``) and removes it
-on save; a file that still carries one is read with the name stripped. To teach
-export and import a new entry (a DoRA magnitude, say), add an :class:`EntryKey`
-to :data:`ENTRY_KEYS` and drop its refusal from ``_REFUSED``.
+on save; a file that still carries one is read with the name stripped.
+
+To teach export and import a new entry (a DoRA magnitude, say): add an
+:class:`EntryKey` to :data:`ENTRY_KEYS` and drop its refusal from ``_REFUSED``
+here; give its torch layout in ``export._TORCH_LAYOUT``; and read it back in
+``load._adapter_pair``, which today expects exactly ``lora_A`` and ``lora_B``.
 """
 
 from __future__ import annotations

@@ -150,12 +150,23 @@ def _group_keys(tensors: Mapping[str, Any], index: ParamsIndex, source: str) -> 
                 names_inside.add(parsed.adapter_name)
             module, layer = index.resolve(parsed.module, key)
             layer_factors = factors.setdefault(module, {}).setdefault(layer, _Factors(parsed.module))
+            if parsed.part in layer_factors.entries:
+                raise PeftFormatError(
+                    f"{source}: keys {layer_factors.entries[parsed.part][0]!r} and {key!r} both hold "
+                    f"{parsed.part} of {parsed.module}; expected one key per tensor."
+                )
             layer_factors.entries[parsed.part] = (key, array)
         elif parsed.kind == "copy":
             copies.append((parsed, array))
         else:
             module, layer = index.resolve(parsed.module, key)
-            full.setdefault((module, parsed.part), {})[layer] = _FullTensor(key, array, parsed.module)
+            layers = full.setdefault((module, parsed.part), {})
+            if layer in layers:
+                raise PeftFormatError(
+                    f"{source}: keys {layers[layer].key!r} and {key!r} both hold {parsed.part} of "
+                    f"{parsed.module}; expected one key per tensor."
+                )
+            layers[layer] = _FullTensor(key, array, parsed.module)
     if len(names_inside) > 1:
         raise PeftFormatError(
             f"{source}: keys carry several adapter names {sorted(names_inside)} "
