@@ -10,8 +10,12 @@ interpreted recursively; an embedding ``gather`` gathers rows of A. Any other
 use of a LoRA value materialises the exact dense kernel for that use and
 warns once, so results are never wrong, only slower.
 
+Each ``dot_general`` on a targeted kernel is brought into one canonical layout and
+computed by :func:`lora_jax.linear.lora_dot`, whose hand-written backward keeps the
+large operands in their natural layout and skips gradients nobody asked for.
+
 This is the one module that touches JAX internals (jaxpr equations and their
-params); every primitive it handles is covered by tests.
+params, through ``jax.extend.core``); every primitive it handles is covered by tests.
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax.config import LoraConfig, pattern_key
+from lora_jax.linear import DotSpec, lora_dot
 from lora_jax.merge import lora_delta
 from lora_jax.tree import Adapter, check_adapter, find_targets, select_modules
 
 
 class LoraFallbackWarning(UserWarning):
-    """A targeted kernel was used in a way that needs the dense ``W + s*A@B``."""
+    """A targeted kernel was used in a way that needs the dense ``W + s*A@B``.
 
-
-_warned: set[tuple[str, str]] = set()
+    Python's default warning filter shows each distinct message once; use
+    ``warnings.simplefilter("error", LoraFallbackWarning)`` to make any fallback an error.
+    """
 
 
 @jax.tree_util.register_dataclass
@@ -99,7 +105,7 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     @functools.wraps(apply_fn)
     def apply(params: Any, adapter: Adapter, *args: Any, lora_rng: jax.Array | None = None,
               **kwargs: Any) -> Any:
-        targets = find_targets(config, params)
+        targets = find_targets(config, params, adapter)
         check_adapter(targets, adapter)
         by_path = {t.path: t for t in targets.values()}
         closed, out_tree, paths_leaves, traced_leaves = _trace(apply_fn, params, args, kwargs)
@@ -198,7 +204,7 @@ def _contractions(jaxpr: jcore.Jaxpr, env: dict[Any, tuple[str, int]], found: di
         if not any(tracked):
             continue
         name = eqn.primitive.name
-        if name in ("convert_element_type", "copy", "copy_p", "sharding_constraint"):
+        if name in ("convert_element_type", "copy", "sharding_constraint"):
             env[eqn.outvars[0]] = tracked[0]
         elif name == "dot_general":
             (lc, rc), _ = eqn.params["dimension_numbers"]
@@ -216,11 +222,11 @@ def _subjaxprs(eqn: jcore.JaxprEqn, tracked: list[Any]) -> list[tuple[jcore.Jaxp
     """Inner jaxprs of call and control-flow equations, with what flows into their inputs."""
     params = eqn.params
     name = eqn.primitive.name
-    if name in ("pjit", "jit"):
+    if name == "jit":
         return [(params["jaxpr"].jaxpr, tracked)]
     if name == "closed_call":
         return [(params["call_jaxpr"].jaxpr, tracked)]
-    if name in ("checkpoint", "remat2"):
+    if name == "remat2":
         return [(params["jaxpr"], tracked)]
     if name == "scan":
         n_fixed = params["num_consts"] + params["num_carry"]
@@ -266,23 +272,18 @@ def _eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) 
 
 
 def _bind(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX returns (subfuns, params)
-        subfuns, params = params
-        return eqn.primitive.bind(*subfuns, *invals, **params)
-    return eqn.primitive.bind(*invals, **params)
+    return eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
 
 
-def _warn_once(name: str, primitive: str, hint: str = "") -> None:
-    if (name, primitive) in _warned:
-        return
-    _warned.add((name, primitive))
+def _warn_fallback(name: str, primitive: str, hint: str = "") -> None:
+    # The message is the same for every trace of the same use, so the default filter
+    # shows it once; stacklevel=1 keys that on this line, not on the user's many call sites.
     warnings.warn(
         f"lora_jax: kernel {name!r} is used by `{primitive}`, which the LoRA interpreter does not "
         "rewrite; it materialises W + s*A@B for that use (correct, but it costs a dense kernel and "
         f"its gradient).{hint}",
         LoraFallbackWarning,
-        stacklevel=4,
+        stacklevel=1,
     )
 
 
@@ -290,7 +291,7 @@ def _materialize(values: Sequence[Any], primitive: str, hint: str = "") -> list[
     out = []
     for value in values:
         if isinstance(value, LoraValue):
-            _warn_once(value.name, primitive, hint)
+            _warn_fallback(value.name, primitive, hint)
             value = value.dense()
         out.append(value)
     return out
@@ -359,15 +360,31 @@ def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     return _fallback(eqn, invals)
 
 
-def _dropout(x: jax.Array, value: LoraValue) -> jax.Array:
-    if value.key is None or value.dropout == 0.0:
-        return x
-    keep = jax.random.bernoulli(value.key, 1.0 - value.dropout, x.shape)
-    return jnp.where(keep, x / (1.0 - value.dropout), jnp.zeros((), x.dtype))
+def _dropout(x: jax.Array, key: Any, rate: float, num_lead: int) -> jax.Array | None:
+    """Inverted dropout of the LoRA branch's input, or None when there is none.
+
+    ``key`` has the kernel's stacked shape: each stacked slice draws its own mask.
+    """
+    if key is None or rate == 0.0:
+        return None
+
+    def drop(k: Any, rows: jax.Array) -> jax.Array:
+        keep = jax.random.bernoulli(k, 1.0 - rate, rows.shape)
+        return jnp.where(keep, rows / (1.0 - rate), jnp.zeros((), rows.dtype))
+
+    for _ in range(num_lead):
+        drop = jax.vmap(drop)
+    return drop(key, x)
 
 
 def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
-    """``x . K`` with K = W + s A B  ->  ``x . W + s (x . A) . B`` (or via B first)."""
+    """``x . K`` with K = W + s A B  ->  ``x . W + s (x . A) . B`` (or via B first).
+
+    The dot is brought into :mod:`lora_jax.linear`'s canonical layout: x's batch
+    (stacked) axes, then its free axes flattened to M, then its contracted axes in the
+    kernel's order flattened to K; the result is reshaped (and, for a kernel on the
+    left, transposed) back into the layout ``dot_general`` gives.
+    """
     lhs, rhs = invals
     if isinstance(lhs, LoraValue) and isinstance(rhs, LoraValue):
         return _fallback(eqn, invals)
@@ -376,53 +393,79 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     k_contract, x_contract = (lc, rc) if kernel_is_lhs else (rc, lc)
     k_batch, x_batch = (lb, rb) if kernel_is_lhs else (rb, lb)
-    lead, na, nb = value.num_lead, value.num_a, value.num_b
+    n, na, nb = value.num_lead, value.num_a, value.num_b
+    lead = tuple(range(n))
     # Stacked (lead) axes of K are either batch axes of the dot or free axes (a vmap over
-    # layers gives one or the other); in both cases they pair A's and B's lead axes.
-    lead_is_batch = tuple(k_batch) == tuple(range(lead))
-    if not (lead_is_batch or (not k_batch and lead)):
+    # layers with a shared input gives the latter); other batch axes have no low-rank form.
+    if tuple(k_batch) == lead:
+        shared_x = False
+    elif not k_batch and n:
+        shared_x = True
+    else:
         return _fallback(eqn, invals)
-    a_axes, b_axes = set(range(lead, lead + na)), set(range(lead + na, lead + na + nb))
+    a_axes, b_axes = set(range(n, n + na)), set(range(n + na, n + na + nb))
     if set(k_contract) == a_axes:  # x contracts with A: (x . A) . B
-        first, second = value.a, value.b
-        first_contract = tuple(k_contract)
-        second_contract = lead  # B's rank axis
+        w_transposed = False
     elif set(k_contract) == b_axes:  # x contracts with B (e.g. a tied embedding as output head)
-        first, second = value.b, value.a
-        first_contract = tuple(k - na + 1 for k in k_contract)  # K axis -> B axis
-        second_contract = lead + na
+        w_transposed = True
     else:
         hint = (f" The dot contracts kernel axes {tuple(k_contract)} but the adapter splits it after "
                 f"{na} input axes: set LoraConfig.in_axes={{{value.name.rsplit('.', 1)[-1]!r}: "
                 f"{len(k_contract)}}} if those are its input axes.")
         return _bind(eqn, _materialize(invals, eqn.primitive.name, hint))
 
-    base = _bind(eqn, [lhs.w if kernel_is_lhs else lhs, rhs if kernel_is_lhs else rhs.w])
+    # x -> (*lead, M, K) (or (M, K) when shared): contracted axes in the kernel's axis order.
+    order = sorted(range(len(k_contract)), key=lambda i: k_contract[i])
+    x_con = tuple(x_contract[i] for i in order)
+    x_free = tuple(d for d in range(x.ndim) if d not in x_batch and d not in x_contract)
+    perm = tuple(x_batch) + x_free + x_con
+    xt = x if perm == tuple(range(x.ndim)) else x.transpose(perm)
+    lead_shape = tuple(value.w.shape[:n])
+    free_shape = tuple(x.shape[d] for d in x_free)
+    rows = math.prod(free_shape)
+    a_dims, b_dims = tuple(value.a.shape[n:-1]), tuple(value.b.shape[n + 1 :])
+    rank = value.a.shape[-1]
+    k_size = math.prod(b_dims if w_transposed else a_dims)
+    xc = _reshape(xt, (rows, k_size) if shared_x else lead_shape + (rows, k_size))
+
     dtype = value.w.dtype
-    first, second = first.astype(dtype), second.astype(dtype)
-    x = _dropout(x, value)
-    kw = dict(precision=eqn.params.get("precision"),
-              preferred_element_type=eqn.params.get("preferred_element_type"))
-    lead_axes = tuple(range(lead))
-    first_batch, x_batch = (lead_axes, tuple(x_batch)) if lead_is_batch else ((), ())
-    x_contract = tuple(x_contract)
-    if kernel_is_lhs:
-        # low: (lead, r, x_free); delta: (lead, k_free, x_free) = the dot's output layout
-        low = lax.dot_general(first, x, ((first_contract, x_contract), (first_batch, x_batch)), **kw)
-        delta = lax.dot_general(second, low.astype(dtype), (((second_contract,), (lead,)), (lead_axes, lead_axes)), **kw)
-    elif lead_is_batch:
-        # low: (lead, x_free, r); delta: (lead, x_free, k_free) = the dot's output layout
-        low = lax.dot_general(x, first, ((x_contract, first_contract), (x_batch, first_batch)), **kw)
-        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)), (lead_axes, lead_axes)), **kw)
+    w = _reshape(value.w, lead_shape + (math.prod(a_dims), math.prod(b_dims)))
+    a = _reshape(value.a, lead_shape + (math.prod(a_dims), rank)).astype(dtype)
+    b = _reshape(value.b, lead_shape + (rank, math.prod(b_dims))).astype(dtype)
+    if w_transposed:  # K^T = W^T + s B^T A^T: B^T plays A's part
+        first, second, k_free = jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2), a_dims
     else:
-        # low: (x_free, lead, r); delta: (lead, x_free, k_rest) -> the dot's (x_free, lead, k_rest)
-        low = lax.dot_general(x, first, ((x_contract, first_contract), ((), ())), **kw)
-        n_free = low.ndim - lead - 1
-        delta = lax.dot_general(low.astype(dtype), second, (((low.ndim - 1,), (second_contract,)),
-                                (tuple(range(n_free, n_free + lead)), lead_axes)), **kw)
-        delta = delta.transpose(tuple(range(lead, lead + n_free)) + lead_axes
-                                + tuple(range(lead + n_free, delta.ndim)))
-    return base + (value.scaling * delta).astype(base.dtype)
+        first, second, k_free = a, b, b_dims
+    broadcast = shared_x and value.key is not None and value.dropout > 0
+    if broadcast:  # each stacked slice drops its own mask: give x the lead axes after all
+        xc, shared_x = jnp.broadcast_to(xc, lead_shape + xc.shape), False
+    xd = _dropout(xc, value.key, value.dropout, n)
+    y = lora_dot(xc, xd, w, first, second, _spec(eqn, value, shared_x, w_transposed))
+    if broadcast:  # (*lead, M, N) -> (M, *lead, N), the shared layout
+        y, shared_x = jnp.moveaxis(y, tuple(range(n)), tuple(range(1, n + 1))), True
+    # Back to dot_general's layout: (batch, x_free, k_free) for a kernel on the right,
+    # (batch, k_free, x_free) on the left; with shared x the lead axes are K's free axes.
+    if shared_x:
+        y = y.reshape(free_shape + lead_shape + k_free)
+        if kernel_is_lhs:
+            nf = len(free_shape)
+            y = y.transpose(tuple(range(nf, y.ndim)) + tuple(range(nf)))
+        return y
+    y = y.reshape(lead_shape + free_shape + k_free)
+    if kernel_is_lhs:
+        nf, nk = len(free_shape), len(k_free)
+        y = y.transpose(lead + tuple(range(n + nf, n + nf + nk)) + tuple(range(n, n + nf)))
+    return y
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return x if tuple(x.shape) == shape else x.reshape(shape)
+
+
+def _spec(eqn: jcore.JaxprEqn, value: LoraValue, shared_x: bool, w_transposed: bool) -> DotSpec:
+    return DotSpec(num_lead=value.num_lead, scaling=value.scaling, shared_x=shared_x,
+                   w_transposed=w_transposed, precision=eqn.params.get("precision"),
+                   preferred_element_type=eqn.params.get("preferred_element_type"))
 
 
 def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
@@ -525,12 +568,9 @@ _RULES: dict[str, Callable[[jcore.JaxprEqn, Sequence[Any]], Any]] = {
     "reshape": _reshape,
     "gather": _gather,
     "copy": _same_shape_op,
-    "copy_p": _same_shape_op,
     "sharding_constraint": _same_shape_op,
-    "pjit": _inline_call("jaxpr"),
     "jit": _inline_call("jaxpr"),
     "closed_call": _inline_call("call_jaxpr"),
-    "checkpoint": _remat,
     "remat2": _remat,
     "scan": _scan,
     "while": _while,

@@ -184,8 +184,22 @@ def select_modules(config: LoraConfig, params: Any) -> tuple[list[str], dict[str
     return selected, candidates
 
 
-def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
+def find_targets(config: LoraConfig, params: Any, adapter: Adapter | None = None) -> dict[str, Target]:
     """The kernels ``config`` selects in ``params``, by module name, in tree order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"params": {"q": {"kernel": jnp.zeros((8, 4))}, "o": {"kernel": jnp.zeros((4, 8))}}}
+        >>> targets = find_targets(LoraConfig(r=2, target_modules=["q"]), params)
+        >>> targets["q"].a_shape, targets["q"].b_shape
+        ((8, 2), (2, 4))
+
+    How an N-D kernel splits into input and output axes (``Target.num_in``), first
+    rule that applies: ``config.in_axes``; the ``lora_A`` of ``adapter`` when one is
+    given (an adapter carries its split in its shapes); a ``bias`` beside the kernel
+    (a bias has the output's shape, so ``(heads, head_dim, d)`` with a ``(d,)`` bias has
+    two input axes); otherwise one input axis. :func:`lora_jax.init` can also read the
+    split off the model (``apply_fn=``).
 
     Raises ``ValueError`` naming what is wrong when a target, pattern or
     ``modules_to_save`` entry matches nothing, a rank does not fit its
@@ -203,21 +217,46 @@ def find_targets(config: LoraConfig, params: Any) -> dict[str, Target]:
         raise ValueError(f"stacked_modules {config.stacked_modules!r} matches no targeted module.")
     check_modules_to_save(config, params)
 
+    biases = bias_shapes(params) if any(
+        len(np.shape(candidates[n][2])) > 2 + config.is_stacked(n) for n in selected) else {}
     targets = {}
     for name in selected:
         path, leaf_name, leaf = candidates[name]
-        targets[name] = _make_target(config, name, path, leaf_name, leaf)
+        entry = adapter.get(name) if isinstance(adapter, dict) else None
+        targets[name] = _make_target(config, name, path, leaf_name, leaf,
+                                     _num_in_axes(config, name, leaf, entry, biases.get(name)))
     return targets
 
 
-def _make_target(config: LoraConfig, name: str, path: KeyPath, leaf_name: str, leaf: Any) -> Target:
+def bias_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """``{module_name: shape}`` of every ``bias`` leaf."""
+    return {m: tuple(np.shape(leaf)) for _, m, leaf_name, leaf in named_leaves(params) if leaf_name == "bias"}
+
+
+def _num_in_axes(config: LoraConfig, name: str, kernel: Any, entry: Any, bias_shape: Any) -> int:
+    """The number of input axes of ``name``'s kernel (see :func:`find_targets`)."""
+    if pattern_key(config.in_axes, name) is not None:
+        return config.num_in_axes(name)
+    num_lead = 1 if config.is_stacked(name) else 0
+    ndim = len(np.shape(kernel))
+    a = entry.get("lora_A") if isinstance(entry, dict) else None
+    if a is not None and 1 <= np.ndim(a) - num_lead - 1 < ndim - num_lead:
+        return np.ndim(a) - num_lead - 1
+    if bias_shape is not None and ndim - num_lead > 2:
+        out_ndim = len(bias_shape) - num_lead
+        if 1 <= out_ndim < ndim - num_lead and tuple(np.shape(kernel))[ndim - out_ndim:] == bias_shape[num_lead:]:
+            return ndim - num_lead - out_ndim
+    return 1
+
+
+def _make_target(config: LoraConfig, name: str, path: KeyPath, leaf_name: str, leaf: Any,
+                 num_in: int) -> Target:
     shape = getattr(leaf, "shape", None)
     num_lead = 1 if config.is_stacked(name) else 0
     if shape is None or len(shape) < 2 + num_lead:
         what = f"shape {tuple(shape)}" if shape is not None else f"a {type(leaf).__name__}"
         need = "rank >= 3 (a stacked layer axis, then in and out)" if num_lead else "rank >= 2"
         raise ValueError(f"Targeted leaf {name}.{leaf_name} is {what}; LoRA needs an array of {need}.")
-    num_in = config.num_in_axes(name)
     if not 1 <= num_in < len(shape) - num_lead:
         raise ValueError(
             f"in_axes gives {name} {num_in} input axes, but its kernel of shape {tuple(shape)} "

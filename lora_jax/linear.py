@@ -1,0 +1,253 @@
+"""``x · K`` for a LoRA'd kernel ``K = W + s·A@B``: the forward and a hand-written backward.
+
+The interpreter in :mod:`lora_jax.transform` brings every ``dot_general`` on a targeted
+kernel into one canonical form and calls :func:`lora_dot`::
+
+    x   (*lead, M, K)     rows of the input, contracted axes flattened into K
+    W   (*lead, K, N)     the frozen kernel (or (*lead, N, K) with ``w_transposed``)
+    A   (*lead, K, r)     B (*lead, r, N)
+    y = x @ W + s * (xd @ A) @ B          (*lead, M, N)
+
+``xd`` is the LoRA branch's input: ``x`` itself, or ``x`` after dropout. ``lead`` holds
+stacked-layer axes that the dot batches over. With ``shared_x`` the input has no lead
+axes and every slice of a stacked kernel sees the same rows (a ``vmap`` over layers or
+experts); the output is then ``(M, *lead, N)``, the layout ``dot_general`` gives.
+
+Why a custom backward: JAX's transpose of the second thin dot computes ``dB = uᵀ g``
+with the small ``u = xd @ A`` (M x r) on the left, so XLA:CPU writes the large gradient
+``g`` (M x N) transposed, in a copy fused into whatever produced it. Here every
+gradient dot keeps the large operand on the left in its natural layout, the weight
+gradient of W is computed only when W is really differentiated (``symbolic_zeros``),
+and the input gradient only when the input is. The residuals are ``xd``, the small
+``u`` and the kernel as it was passed: a quantized kernel (any
+:class:`lora_jax.quantize.QuantizedArray`) is dequantized again in the backward pass
+instead of being kept alive, dequantized, as a residual.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class DotSpec:
+    """Static description of one canonical LoRA dot (see the module docstring).
+
+    Attributes:
+        num_lead: number of stacked axes the dot batches over.
+        scaling: ``s`` in ``x @ W + s * (xd @ A) @ B``.
+        shared_x: the input has no lead axes; the output is ``(M, *lead, N)``.
+        w_transposed: W is stored ``(*lead, N, K)`` (a kernel used through its transpose,
+            such as a tied embedding as output head).
+        precision, preferred_element_type: as the model's ``dot_general`` asked.
+    """
+
+    num_lead: int = 0
+    scaling: float = 1.0
+    shared_x: bool = False
+    w_transposed: bool = False
+    precision: Any = None
+    preferred_element_type: Any = None
+
+
+def dense_kernel(w: Any, dtype: Any = None) -> jax.Array:
+    """``w`` as an array: quantized kernels are dequantized, arrays are returned as they are."""
+    if hasattr(w, "dequantize"):
+        return w.dequantize(dtype)
+    return w if dtype is None else w.astype(dtype)
+
+
+def lora_dot(x: jax.Array, xd: jax.Array | None, w: Any, a: jax.Array, b: jax.Array,
+             spec: DotSpec) -> jax.Array:
+    """``x @ W + s * (xd @ A) @ B`` in the canonical layout, with the hand-written backward.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x, w = jnp.ones((4, 3)), jnp.ones((3, 5))
+        >>> a, b = jnp.ones((3, 2)), jnp.ones((2, 5))
+        >>> y = lora_dot(x, None, w, a, b, DotSpec(scaling=0.5))
+        >>> bool(jnp.allclose(y, x @ w + 0.5 * (x @ a) @ b))
+        True
+
+    Args:
+        x: the input, ``(*lead, M, K)`` (``(M, K)`` with ``spec.shared_x``).
+        xd: the LoRA branch's input (after dropout), shaped like ``x``; None = ``x``.
+        w: the frozen kernel, an array or a quantized array (dequantized where used).
+        a, b: the factors, already in the compute dtype.
+        spec: the static :class:`DotSpec`.
+    """
+    if xd is None:
+        return _lora_dot_same_input(x, w, a, b, spec)
+    return _lora_dot(x, xd, w, a, b, spec)
+
+
+# -- dimension numbers ---------------------------------------------------------------------------
+
+def _lead(spec: DotSpec) -> tuple[int, ...]:
+    return tuple(range(spec.num_lead))
+
+
+def _x_rows_axis(spec: DotSpec) -> int:
+    """The M axis of x (and of the canonical output, before ``shared_x``'s transpose)."""
+    return 0 if spec.shared_x else spec.num_lead
+
+
+def _dot(lhs: jax.Array, rhs: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]],
+         batch: tuple[tuple[int, ...], tuple[int, ...]], spec: DotSpec) -> jax.Array:
+    return lax.dot_general(lhs, rhs, (contract, batch), precision=spec.precision,
+                           preferred_element_type=spec.preferred_element_type)
+
+
+def _base(x: jax.Array, w: jax.Array, spec: DotSpec) -> jax.Array:
+    """``x @ W``: (*lead, M, N), or (M, *lead, N) with shared_x."""
+    n = spec.num_lead
+    k_axis = n + 1 if spec.w_transposed else n
+    x_k = x.ndim - 1
+    if spec.shared_x:
+        out = _dot(x, w, ((x_k,), (k_axis,)), ((), ()), spec)  # (M, *lead, N)
+        return out
+    return _dot(x, w, ((x_k,), (k_axis,)), (_lead(spec), _lead(spec)), spec)
+
+
+def _low(x: jax.Array, a: jax.Array, spec: DotSpec) -> jax.Array:
+    """``u = x @ A``: (*lead, M, r) in both layouts (small, so shared_x transposes it)."""
+    n = spec.num_lead
+    if spec.shared_x:
+        u = _dot(x, a, ((x.ndim - 1,), (n,)), ((), ()), spec)  # (M, *lead, r)
+        return jnp.moveaxis(u, 0, n)
+    return _dot(x, a, ((x.ndim - 1,), (n,)), (_lead(spec), _lead(spec)), spec)
+
+
+def _delta(u: jax.Array, b: jax.Array, spec: DotSpec) -> jax.Array:
+    """``u @ B`` in the output's layout."""
+    n = spec.num_lead
+    out = _dot(u, b, ((u.ndim - 1,), (n,)), (_lead(spec), _lead(spec)), spec)  # (*lead, M, N)
+    return jnp.moveaxis(out, n, 0) if spec.shared_x else out
+
+
+def _forward(x: jax.Array, xd: jax.Array, w: Any, a: jax.Array, b: jax.Array,
+             spec: DotSpec) -> tuple[jax.Array, jax.Array]:
+    wd = dense_kernel(w)
+    base = _base(x, wd, spec)
+    u = _low(xd, a, spec)
+    delta = _delta(u, b, spec)
+    return base + (spec.scaling * delta).astype(base.dtype), u
+
+
+# -- backward ------------------------------------------------------------------------------------
+
+def _gradients(x: jax.Array, xd: jax.Array, w: Any, a: jax.Array, b: jax.Array, u: jax.Array,
+               g: jax.Array, spec: DotSpec, need: tuple[bool, bool, bool, bool, bool]
+               ) -> tuple[Any, Any, Any, Any, Any]:
+    """Cotangents of (x, xd, w, a, b) for output cotangent ``g``; None where not needed."""
+    need_x, need_xd, need_w, need_a, need_b = need
+    n = spec.num_lead
+    lead = _lead(spec)
+    s = spec.scaling
+    if spec.shared_x:
+        # g is (M, *lead, N): batch over lead sits at axes 1..n of g.
+        g_lead, g_rows, g_n = tuple(range(1, n + 1)), 0, n + 1
+    else:
+        g_lead, g_rows, g_n = lead, n, n + 1
+    gx = gxd = gw = ga = gb = None
+
+    if need_a or need_xd:
+        # gu = s * g @ Bᵀ: (*lead, M, r); g (large) on the left, contracted on its minor axis.
+        gu = s * _dot(g, b, ((g_n,), (n + 1,)), (g_lead, lead), spec).astype(a.dtype)
+    if need_x or need_w:
+        wd = dense_kernel(w)
+    if need_x:
+        w_n = n if spec.w_transposed else n + 1
+        if spec.shared_x:  # contract the lead axes too: every slice adds to the same rows
+            gx = _dot(g, wd, (g_lead + (g_n,), lead + (w_n,)), ((), ()), spec)
+        else:
+            gx = _dot(g, wd, ((g_n,), (w_n,)), (g_lead, lead), spec)
+    if need_xd:
+        if spec.shared_x:
+            gxd = _dot(gu, a, (lead + (n + 1,), lead + (n + 1,)), ((), ()), spec)
+        else:
+            gxd = _dot(gu, a, ((n + 1,), (n + 1,)), (lead, lead), spec)
+    if need_a:
+        # dA = xdᵀ gu: xd (large) on the left, contracted over its rows.
+        x_rows = _x_rows_axis(spec)
+        if spec.shared_x:
+            ga = _dot(xd, gu, ((x_rows,), (n,)), ((), ()), spec)  # (K, *lead, r)
+            ga = jnp.moveaxis(ga, 0, n)
+        else:
+            ga = _dot(xd, gu, ((x_rows,), (n,)), (lead, lead), spec)  # (*lead, K, r)
+    if need_b:
+        # dB = s uᵀ g, computed as (s gᵀ u)ᵀ: the large g on the left, the small result transposed.
+        gbt = _dot(g, u, ((g_rows,), (n,)), (g_lead, lead), spec)  # (*lead, N, r)
+        gb = s * jnp.swapaxes(gbt, -1, -2)
+    if need_w:
+        x_rows = _x_rows_axis(spec)
+        if spec.shared_x:
+            gw = _dot(x, g, ((x_rows,), (g_rows,)), ((), ()), spec)  # (K, *lead, N)
+            gw = jnp.moveaxis(gw, 0, n)
+        else:
+            gw = _dot(x, g, ((x_rows,), (g_rows,)), (lead, g_lead), spec)  # (*lead, K, N)
+        if spec.w_transposed:
+            gw = jnp.swapaxes(gw, -1, -2)
+    return gx, gxd, gw, ga, gb
+
+
+def _cast_like(value: Any, like: Any) -> Any:
+    if value is None:
+        return None
+    return value.astype(like.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lora_dot(x, xd, w, a, b, spec):
+    return _forward(x, xd, w, a, b, spec)[0]
+
+
+def _lora_dot_fwd(x, xd, w, a, b, spec):
+    need = (x.perturbed, xd.perturbed, w.perturbed and not hasattr(w.value, "dequantize"),
+            a.perturbed, b.perturbed)
+    y, u = _forward(x.value, xd.value, w.value, a.value, b.value, spec)
+    # Keep only what the backward pass needs: x only for dW, xd only for dA.
+    residuals = (x.value if need[2] else None, xd.value if need[3] else None, w.value,
+                 a.value, b.value, u if need[4] else None, need)
+    return y, residuals
+
+
+def _lora_dot_bwd(spec, residuals, g):
+    x, xd, w, a, b, u, need = residuals
+    gx, gxd, gw, ga, gb = _gradients(x, xd, w, a, b, u, g, spec, need)
+    return (gx, gxd, gw, _cast_like(ga, a), _cast_like(gb, b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_dot_same_input(x, w, a, b, spec):
+    return _forward(x, x, w, a, b, spec)[0]
+
+
+def _lora_dot_same_input_fwd(x, w, a, b, spec):
+    need = (x.perturbed, False, w.perturbed and not hasattr(w.value, "dequantize"),
+            a.perturbed, b.perturbed)
+    y, u = _forward(x.value, x.value, w.value, a.value, b.value, spec)
+    residuals = (x.value if (need[2] or need[3]) else None, w.value, a.value, b.value,
+                 u if need[4] else None, need)
+    return y, residuals
+
+
+def _lora_dot_same_input_bwd(spec, residuals, g):
+    x, w, a, b, u, need = residuals
+    need_x, _, need_w, need_a, need_b = need
+    # One input feeds both branches: its cotangent is g Wᵀ + gu Aᵀ, in one sum.
+    gx, gxd, gw, ga, gb = _gradients(x, x, w, a, b, u, g, spec,
+                                     (need_x, need_x, need_w, need_a, need_b))
+    if gx is not None and gxd is not None:
+        gx = gx + gxd.astype(gx.dtype)
+    return (gx, gw, _cast_like(ga, a), _cast_like(gb, b))
+
+
+_lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd, symbolic_zeros=True)
+_lora_dot_same_input.defvjp(_lora_dot_same_input_fwd, _lora_dot_same_input_bwd, symbolic_zeros=True)
