@@ -13,6 +13,7 @@ from lora_jax.optim import masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
 from lora_jax.transform import LoraFallbackWarning, infer_in_axes, lora
 from lora_jax.tree import (
+    InAxesWarning,
     Target,
     check_adapter,
     combine,
@@ -27,6 +28,7 @@ from lora_jax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "InAxesWarning",
     "LoraConfig",
     "LoadedPeft",
     "LoraFallbackWarning",

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import Adapter, Target, find_targets
+from lora_jax.tree import Adapter, Target, find_targets, warn_guessed_splits
 
 
-def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float32) -> Adapter:
+def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float32, *,
+         apply_fn: Any = None, example_args: tuple[Any, ...] = ()) -> Adapter:
     """A fresh adapter for ``params``: ``{module_name: {"lora_A": A, "lora_B": B}}``.
 
     Example::
@@ -30,8 +31,22 @@ def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float
     ``"gaussian"`` draws A from N(0, 1/r); ``False`` makes B random too.
     Embedding tables (leaf ``embedding``) get A = 0 and B ~ N(0, 1) as in PEFT.
     Only shapes of ``params`` are read: it may hold ``jax.ShapeDtypeStruct``s.
+
+    An N-D kernel (``DenseGeneral``) splits into input and output axes as
+    :func:`~lora_jax.tree.find_targets` says (``in_axes``, else a bias beside it).
+    Where neither tells, pass the model as ``apply_fn`` with ``example_args``
+    (arrays or ``jax.ShapeDtypeStruct``s; only shapes are traced) and the split is
+    read off how the model contracts each kernel; without it an
+    :class:`~lora_jax.tree.InAxesWarning` names the kernel. The adapter carries its
+    split in its shapes, so ``lora``, ``merge`` and ``save_peft`` follow it.
     """
-    targets = find_targets(config, params)
+    if apply_fn is not None:
+        from lora_jax.transform import infer_in_axes
+
+        targets = find_targets(infer_in_axes(config, apply_fn, params, *example_args), params)
+    else:
+        targets = find_targets(config, params)
+        warn_guessed_splits(config, params, targets)
     keys = jax.random.split(key, len(targets))
     return {
         name: _init_pair(config.init_lora_weights, target, k, dtype)

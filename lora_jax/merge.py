@@ -27,7 +27,7 @@ def lora_delta(a: jax.Array, b: jax.Array, num_lead: int, scaling: float) -> jax
 
 
 def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float) -> Any:
-    targets = find_targets(config, params)
+    targets = find_targets(config, params, adapter)
     check_adapter(targets, adapter)
     by_path = {t.path: t for t in targets.values()}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -110,6 +111,36 @@ class Target:
 
 
 _DEFAULT_CONFIG = LoraConfig(target_modules="all-linear")
+
+
+class InAxesWarning(UserWarning):
+    """An N-D kernel's split into input and output axes had to be guessed.
+
+    Pass ``LoraConfig.in_axes``, or give :func:`lora_jax.init` the model
+    (``apply_fn=``, ``example_args=``) so it can read the split off the traced model.
+    """
+
+
+def warn_guessed_splits(config: LoraConfig, params: Any, targets: dict[str, Target]) -> None:
+    """Warn for every N-D target whose split is the default guess: no ``in_axes`` entry
+    and no bias beside it to read the output axes from."""
+    biases = None
+    for name, target in targets.items():
+        if len(target.shape) - target.num_lead <= 2 or pattern_key(config.in_axes, name) is not None:
+            continue
+        biases = bias_shapes(params) if biases is None else biases
+        if name in biases:
+            continue
+        warnings.warn(
+            f"lora_jax: kernel {name!r} of shape {target.shape} has no bias to read its output axes "
+            f"from; assuming {target.num_in} input axis (A {target.a_shape}, B {target.b_shape}). If "
+            "the model contracts more of its axes (e.g. a DenseGeneral output projection), pass "
+            f"LoraConfig.in_axes={{{name.rsplit('.', 1)[-1]!r}: n}} or lora_jax.init(..., apply_fn=, "
+            "example_args=) to read the split off the model; otherwise that dot falls back to the "
+            "dense kernel.",
+            InAxesWarning,
+            stacklevel=3,
+        )
 
 
 def _describe_names(wanted: str, names: list[str], limit: int = 12) -> str:
