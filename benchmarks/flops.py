@@ -88,8 +88,9 @@ class ScannedTransformer(nn.Module):
         return blocks(x, None)[0]
 
 
-# Attention output kernels are (heads, head_dim, width): two input axes.
-ATTENTION_CONFIG = dict(target_modules="all-linear", in_axes={"out": 2})
+# No in_axes: init reads the attention output kernels' split, (heads, head_dim) -> width,
+# off the traced model (their biases are off, so the params alone cannot say).
+ATTENTION_CONFIG = dict(target_modules="all-linear")
 
 
 def model_configs(smoke: bool) -> dict[str, dict[str, Any]]:
@@ -115,7 +116,8 @@ def gradient_steps(model: nn.Module, x_shape: tuple[int, ...], lora_kwargs: dict
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
     config = lora_jax.LoraConfig(**lora_kwargs)
-    adapter = jax.eval_shape(lambda: lora_jax.init(config, params, jax.random.key(1)))
+    adapter = jax.eval_shape(lambda: lora_jax.init(config, params, jax.random.key(1),
+                                                   apply_fn=model.apply, example_args=(x,)))
     apply = lora_jax.lora(model.apply, config)
 
     def loss(y: jax.Array) -> jax.Array:
@@ -128,7 +130,7 @@ def gradient_steps(model: nn.Module, x_shape: tuple[int, ...], lora_kwargs: dict
                   (adapter, params, x)),
         "floor": (jax.grad(lambda x, p: loss(model.apply(p, x))), (x, params)),
     }
-    return {"steps": steps, "config": config, "params": params}
+    return {"steps": steps, "config": config, "params": params, "adapter": adapter}
 
 
 def compile_step(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -147,10 +149,10 @@ def kernel_shaped_dots(hlo_text: str, shapes: set[tuple[int, ...]]) -> list[str]
     return found
 
 
-def kernel_shapes(config: lora_jax.LoraConfig, params: Any) -> set[tuple[int, ...]]:
+def kernel_shapes(config: lora_jax.LoraConfig, params: Any, adapter: Any = None) -> set[tuple[int, ...]]:
     """Every way a targeted kernel's (in, out) can appear as a 2-D or N-D array."""
     shapes = set()
-    for target in lora_jax.find_targets(config, params).values():
+    for target in lora_jax.find_targets(config, params, adapter).values():
         size_in, size_out = 1, 1
         for d in target.in_shape:
             size_in *= d
@@ -171,7 +173,7 @@ def measure(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         row[f"{kind}_gflops"] = compiled.cost_analysis()["flops"] / 1e9
         row[f"{kind}_peak_mib"] = memory.peak_memory_in_bytes / 2**20
         if kind in ("lora", "full"):  # full fine-tuning shows the detector finds weight gradients
-            shapes = kernel_shapes(built["config"], built["params"])
+            shapes = kernel_shapes(built["config"], built["params"], built["adapter"])
             row[f"{kind}_kernel_shaped_dots"] = len(kernel_shaped_dots(compiled.as_text(), shapes))
     row["lora_over_full"] = row["lora_gflops"] / row["full_gflops"]
     row["lora_over_floor"] = row["lora_gflops"] / row["floor_gflops"]
