@@ -15,6 +15,11 @@ from lora_jax.tree import Adapter, check_adapter, find_targets
 def lora_delta(a: jax.Array, b: jax.Array, num_lead: int, scaling: float) -> jax.Array:
     """``scaling * A @ B`` in float32 with the kernel's shape ``lead + in + out``.
 
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lora_delta(jnp.ones((3, 1)), jnp.ones((1, 2)), num_lead=0, scaling=0.5).tolist()
+        [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+
     The product runs at full float32 precision (``Precision.HIGHEST``), so
     TPUs do not round it through bfloat16.
     """
@@ -45,10 +50,17 @@ def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float) -> Any
 def merge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
     """Params with ``W + s * A @ B`` in every targeted kernel, for the plain apply_fn.
 
-    Example::
-
-        merged = merge(params, adapter, config)
-        model.apply(merged, x)  # == lora(model.apply, config)(params, adapter, x)
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, init, lora
+        >>> params = {"proj": {"kernel": jnp.ones((3, 2))}}
+        >>> config = LoraConfig(r=1, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
+        >>> adapter = init(config, params, jax.random.key(0))
+        >>> merged = merge(params, adapter, config)
+        >>> apply = lambda p, x: x @ p["proj"]["kernel"]
+        >>> x = jnp.ones((1, 3))
+        >>> bool(jnp.allclose(apply(merged, x), lora(apply, config)(params, adapter, x), atol=1e-6))
+        True
 
     The sum is formed in float32 and cast back to each kernel's dtype, so
     bfloat16 kernels lose no more than one rounding. Leaves that are not
@@ -59,5 +71,16 @@ def merge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
 
 
 def unmerge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
-    """Undo :func:`merge`: ``W - s * A @ B`` in every targeted kernel."""
+    """Undo :func:`merge`: ``W - s * A @ B`` in every targeted kernel.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, init
+        >>> params = {"proj": {"kernel": jnp.ones((3, 2))}}
+        >>> config = LoraConfig(r=1, target_modules=["proj"], init_lora_weights=False)
+        >>> adapter = init(config, params, jax.random.key(0))
+        >>> back = unmerge(merge(params, adapter, config), adapter, config)
+        >>> bool(jnp.allclose(back["proj"]["kernel"], 1.0, atol=1e-6))
+        True
+    """
     return _fold(params, adapter, config, -1.0)

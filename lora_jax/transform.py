@@ -87,12 +87,20 @@ class LoraValue:
 def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
     """Wrap ``apply_fn(params, *args, **kwargs)`` as ``fn(params, adapter, *args, **kwargs)``.
 
-    Example::
-
-        adapter = lora_jax.init(config, params, jax.random.key(0))
-        apply = lora_jax.lora(model.apply, config)
-        logits = jax.jit(apply)(params, adapter, tokens)
-        grads = jax.grad(lambda ad: loss(apply(params, ad, tokens)))(adapter)
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import lora_jax
+        >>> params = {"proj": {"kernel": jnp.ones((4, 3))}}
+        >>> model_apply = lambda p, x: jnp.tanh(x @ p["proj"]["kernel"])
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["proj"])
+        >>> adapter = lora_jax.init(config, params, jax.random.key(0))
+        >>> apply = lora_jax.lora(model_apply, config)
+        >>> x = jnp.ones((5, 4))
+        >>> jax.jit(apply)(params, adapter, x).shape
+        (5, 3)
+        >>> grads = jax.grad(lambda ad: jnp.sum(apply(params, ad, x)))(adapter)
+        >>> grads["proj"]["lora_A"].shape, grads["proj"]["lora_B"].shape
+        ((4, 2), (2, 3))
 
     The result equals ``apply_fn(merge(params, adapter, config), ...)`` but is
     computed as ``x @ W + s * (x @ A) @ B``. It composes with ``jax.jit``,
@@ -168,11 +176,13 @@ def infer_in_axes(config: LoraConfig, apply_fn: Callable[..., Any], params: Any,
                   **kwargs: Any) -> LoraConfig:
     """``config`` with ``in_axes`` read off how ``apply_fn`` contracts each N-D kernel.
 
-    Example::
-
-        config = LoraConfig(r=8, target_modules="all-linear")
-        config = infer_in_axes(config, model.apply, params, x)
-        config.in_axes  # e.g. {"block0\\.attn\\.out": 2} for a (heads, head_dim, d) kernel
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"out": {"kernel": jnp.ones((2, 4, 8))}}      # (heads, head_dim, d), no bias
+        >>> model_apply = lambda p, h: jnp.einsum("bhk,hkd->bd", h, p["out"]["kernel"])
+        >>> config = LoraConfig(r=2, target_modules=["out"])
+        >>> infer_in_axes(config, model_apply, params, jax.ShapeDtypeStruct((3, 2, 4), jnp.float32)).in_axes
+        {'out': 2}
 
     Only shapes are traced (``args`` may be ``jax.ShapeDtypeStruct``s). A kernel
     the model contracts on its leading ``n`` axes (after any stacked-layer axis)

@@ -359,10 +359,15 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
     ``"lora_only"``, the biases; the kernels themselves stay frozen (their
     update lives in the adapter).
 
-    Example::
-
-        mask = trainable_mask(params, LoraConfig(target_modules=["q"], bias="all"))
-        trainable, frozen = partition(params, mask)
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"params": {"q": {"kernel": jnp.zeros((4, 4)), "bias": jnp.zeros(4)}}}
+        >>> mask = trainable_mask(params, LoraConfig(target_modules=["q"], bias="all"))
+        >>> mask
+        {'params': {'q': {'bias': True, 'kernel': False}}}
+        >>> trainable, frozen = partition(params, mask)
+        >>> trainable["params"]["q"]["kernel"] is None, frozen["params"]["q"]["bias"] is None
+        (True, True)
     """
     targeted = set(find_targets(config, params)) if config.bias == "lora_only" else set()
     saved = tuple(config.modules_to_save or ())

@@ -44,7 +44,7 @@ def test_examples_run_as_doctests(module_name):
     assert not not_runnable, f"Example blocks without >>> lines (they would never run): {not_runnable}"
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    for test in finder.find(module, module_name, globs={}):
+    for test in finder.find(module, module_name):  # each example sees a copy of its module's globals
         runner.run(test)
     failed, attempted = runner.summarize(verbose=False)
     assert failed == 0, f"{failed} of {attempted} doctest examples in {module_name} failed (see output above)"

@@ -278,7 +278,7 @@ def to_peft(
             )
         targets = _targets_without_params(config, adapter)
     else:
-        targets = find_targets(config, params)
+        targets = find_targets(config, params, adapter)
     check_adapter(targets, adapter)
 
     items: list[tuple[str, np.ndarray, str]] = []

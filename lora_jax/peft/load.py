@@ -389,7 +389,7 @@ def from_peft(
                                       kernel_names)
     except ValueError as err:
         raise PeftFormatError(f"{source}: its settings do not form a valid LoraConfig: {err}") from None
-    targets = find_targets(config, new_params)
+    targets = find_targets(config, new_params, adapter)
     check_adapter(targets, adapter)
     for module, target in targets.items():  # guards the exact patterns built above
         want = alphas[module] / (math.sqrt(ranks[module]) if settings.use_rslora else ranks[module])
