@@ -7,9 +7,10 @@
 """
 
 from lora_jax.config import LoraConfig
-from lora_jax.init import init
+from lora_jax.convert import convert_to_original_base, original_base_config
+from lora_jax.init import init, init_with_base
 from lora_jax.merge import lora_delta, merge, unmerge
-from lora_jax.optim import masked_optimizer
+from lora_jax.optim import loraplus, loraplus_groups, masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
 from lora_jax.transform import LoraFallbackWarning, infer_in_axes, lora
 from lora_jax.tree import (
@@ -35,17 +36,22 @@ __all__ = [
     "Target",
     "check_adapter",
     "combine",
+    "convert_to_original_base",
     "count_parameters",
     "find_targets",
     "from_peft",
     "infer_in_axes",
     "init",
+    "init_with_base",
     "lora",
     "load_peft",
     "lora_delta",
+    "loraplus",
+    "loraplus_groups",
     "masked_optimizer",
     "merge",
     "module_names",
+    "original_base_config",
     "partition",
     "print_trainable_parameters",
     "save_peft",

@@ -17,6 +17,14 @@ from typing import Any
 import numpy as np
 
 BIAS_MODES = ("none", "all", "lora_only")
+# init_lora_weights values that rewrite the base kernels (the adapter alone is not the update).
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_<k>", "olora", "loftq")
+SUPPORTED_INITS = (True, False, "gaussian") + BASE_CHANGING_INITS
+# PEFT 0.21 initialisations lora_jax does not implement (data-driven or other variants).
+UNSUPPORTED_PEFT_INITS = ("eva", "corda", "orthogonal", "lora_ga", "mica")
+# PEFT's LoftQConfig fields and defaults; PEFT's loftq_init quantizes to NF4 (4) or int8 (8).
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}
+LOFTQ_BITS = (4, 8)
 # PEFT's default names for the container of numbered layers (layers_to_transform).
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 # Heads that "all-linear" leaves out, as PEFT leaves out the output embedding.
@@ -27,10 +35,13 @@ OUTPUT_HEAD_NAMES = ("lm_head",)
 class LoraConfig:
     """LoRA settings with PEFT's field names and meaning.
 
-    Example::
-
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-        config.scaling("model.layers.0.self_attn.q_proj")  # 16 / 8 = 2.0
+    Example:
+        >>> from lora_jax import LoraConfig
+        >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        >>> config.scaling("model.layers.0.self_attn.q_proj")
+        2.0
+        >>> LoraConfig(target_modules=["q"], init_lora_weights="pissa_niter_4").changes_base
+        True
 
     Fields shared with ``peft.LoraConfig``:
         r: rank of the update.
@@ -45,7 +56,23 @@ class LoraConfig:
         rank_pattern / alpha_pattern: per-module overrides; a key ``k`` applies
             to a module name ``n`` when ``re.match(rf"(.*\\.)?({k})$", n)``.
         init_lora_weights: True (kaiming-uniform A, zero B), "gaussian"
-            (A ~ N(0, 1/r), zero B) or False (both random: not a no-op).
+            (A ~ N(0, 1/r), zero B), False (both random: not a no-op), or one
+            that rewrites the base kernel (use :func:`lora_jax.init_with_base`):
+            "pissa" (principal singular vectors), "pissa_niter_<k>"
+            (randomized SVD, k subspace iterations), "olora" (QR), "loftq"
+            (quantized base + SVD of the error). PEFT's "eva", "corda",
+            "orthogonal", "lora_ga" and "mica" are not implemented.
+        loftq_config: with "loftq" only: ``{"loftq_bits": 4 or 8,
+            "loftq_iter": n >= 1}`` (PEFT's LoftQConfig; missing keys take
+            its defaults 4 and 1).
+        use_dora: DoRA (Liu et al. 2024): a trained magnitude per output
+            feature rescales ``W + s * A @ B``.
+        trainable_token_indices: train only these rows of an embedding: a
+            list of token ids (the input embedding) or a dict
+            ``{embedding module name: [token ids]}``.
+        ensure_weight_tying: keep a tied embedding and output head tied
+            (adapters and ``modules_to_save`` follow the embedding); PEFT's
+            default False changes only the input lookup.
         bias: "none", "all" (every bias trains) or "lora_only" (biases of
             targeted modules train).
         modules_to_save: modules trained in full (e.g. a classifier head).
@@ -81,6 +108,10 @@ class LoraConfig:
     kernel_names: Sequence[str] = ("kernel", "embedding")
     in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     stacked_modules: str | Sequence[str] | None = None
+    use_dora: bool = False
+    loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         # Normalise lists to tuples so configs compare and hash by value.
@@ -118,11 +149,23 @@ class LoraConfig:
                 )
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}.")
-        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
-            raise ValueError(
-                "LoraConfig.init_lora_weights must be True, False or 'gaussian', "
-                f"got {self.init_lora_weights!r}."
-            )
+        object.__setattr__(self, "init_lora_weights", _check_init(self.init_lora_weights))
+        object.__setattr__(self, "loftq_config", _check_loftq(self.loftq_config, self.init_lora_weights))
+        object.__setattr__(self, "trainable_token_indices", _check_token_indices(self.trainable_token_indices))
+        for name in ("use_dora", "ensure_weight_tying"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith("pissa"):
+            # PiSSA splits each singular value as sqrt(S / s) into A and B: s must be positive.
+            for where, alpha in (("lora_alpha", self.lora_alpha), *(
+                    (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())):
+                if alpha <= 0:
+                    raise ValueError(
+                        f"LoraConfig.{where} must be positive with init_lora_weights="
+                        f"{self.init_lora_weights!r} (PiSSA divides the singular values by the scaling), "
+                        f"got {alpha!r}."
+                    )
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.target_modules is None:
@@ -164,13 +207,45 @@ class LoraConfig:
     def is_stacked(self, module_name: str) -> bool:
         return self.stacked_modules is not None and matches(self.stacked_modules, module_name)
 
+    @property
+    def changes_base(self) -> bool:
+        """Whether ``init_lora_weights`` rewrites the base kernels (PiSSA, OLoRA, LoftQ).
+
+        Such an adapter only reproduces the model on the rewritten base that
+        :func:`lora_jax.init_with_base` returns.
+
+        Example:
+            >>> from lora_jax import LoraConfig
+            >>> LoraConfig(target_modules=["q"], init_lora_weights="olora").changes_base
+            True
+            >>> LoraConfig(target_modules=["q"]).changes_base
+            False
+        """
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "loftq"))
+
+    def pissa_niter(self) -> int | None:
+        """The subspace iterations of ``"pissa_niter_<k>"``; None for exact PiSSA or another init.
+
+        Example:
+            >>> from lora_jax import LoraConfig
+            >>> LoraConfig(target_modules=["q"], init_lora_weights="pissa_niter_16").pissa_niter()
+            16
+        """
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.startswith(_PISSA_NITER):
+            return int(init[len(_PISSA_NITER):])
+        return None
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form of every field (lists for tuples)."""
-        out = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        """Plain-JSON form of every field (lists for tuples, also inside dicts).
+
+        Example:
+            >>> from lora_jax import LoraConfig
+            >>> LoraConfig(target_modules=("q", "v"), trainable_token_indices=[3, 5]).to_dict()["trainable_token_indices"]
+            [3, 5]
+        """
+        return {field.name: _plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> LoraConfig:
         return dataclasses.replace(self, **changes)
@@ -186,6 +261,107 @@ def _is_positive_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_PISSA_NITER = "pissa_niter_"
+# PEFT compares these two case-insensitively (``init_lora_weights.lower()``).
+_CASE_FREE_INITS = ("gaussian", "olora")
+
+
+def _check_init(value: Any) -> bool | str:
+    """``init_lora_weights`` normalised (``"Gaussian"`` -> ``"gaussian"``), or a ValueError."""
+    supported = ", ".join(repr(v) for v in SUPPORTED_INITS)
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if not isinstance(value, str):
+        raise ValueError(f"LoraConfig.init_lora_weights must be a bool or a string (one of {supported}), "
+                         f"got {value!r}.")
+    if value.lower() in _CASE_FREE_INITS:
+        return value.lower()
+    if value in ("pissa", "loftq"):
+        return value
+    if value.startswith(_PISSA_NITER):
+        digits = value[len(_PISSA_NITER):]
+        if re.fullmatch(r"[0-9]+", digits) is None:
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={value!r}: the number of subspace iterations after "
+                f"'pissa_niter_' must be a non-negative integer, e.g. 'pissa_niter_16'."
+            )
+        return f"{_PISSA_NITER}{int(digits)}"
+    if value.lower() in UNSUPPORTED_PEFT_INITS:
+        raise ValueError(
+            f"LoraConfig.init_lora_weights={value!r} is a PEFT initialisation lora_jax does not implement; "
+            f"supported: {supported}."
+        )
+    raise ValueError(f"LoraConfig.init_lora_weights must be one of {supported}, got {value!r}.")
+
+
+def _check_loftq(loftq_config: Any, init: bool | str) -> dict[str, int]:
+    """``loftq_config`` with PEFT's defaults filled in; empty unless ``init`` is ``"loftq"``."""
+    if loftq_config is None:
+        loftq_config = {}
+    if not isinstance(loftq_config, Mapping):
+        raise ValueError(f"LoraConfig.loftq_config must be a dict such as {LOFTQ_DEFAULTS}, got {loftq_config!r}.")
+    if init != "loftq":
+        if loftq_config:
+            raise ValueError(
+                f"LoraConfig.loftq_config={dict(loftq_config)!r} is set but init_lora_weights is "
+                f"{init!r}; it only applies with init_lora_weights='loftq'."
+            )
+        return {}
+    if not loftq_config:
+        raise ValueError(
+            "LoraConfig.init_lora_weights='loftq' needs loftq_config, e.g. "
+            f"loftq_config={LOFTQ_DEFAULTS} (PEFT's LoftQConfig defaults)."
+        )
+    unknown = sorted(set(loftq_config) - set(LOFTQ_DEFAULTS))
+    if unknown:
+        raise ValueError(f"LoraConfig.loftq_config has unknown keys {unknown}; known: {sorted(LOFTQ_DEFAULTS)}.")
+    out = {**LOFTQ_DEFAULTS, **loftq_config}
+    if not _is_int(out["loftq_bits"]) or out["loftq_bits"] not in LOFTQ_BITS:
+        raise ValueError(f"LoraConfig.loftq_config['loftq_bits'] must be one of {LOFTQ_BITS} "
+                         f"(NF4 or int8, as PEFT), got {out['loftq_bits']!r}.")
+    if not _is_positive_int(out["loftq_iter"]):
+        raise ValueError(f"LoraConfig.loftq_config['loftq_iter'] must be a positive integer, "
+                         f"got {out['loftq_iter']!r}.")
+    return {k: int(v) for k, v in out.items()}
+
+
+def _token_ids(where: str, ids: Any) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise ValueError(f"LoraConfig.{where} must be a list of token ids, got {ids!r}.")
+    ids = tuple(ids)
+    bad = [i for i in ids if not _is_int(i) or i < 0]
+    if bad or not ids:
+        raise ValueError(f"LoraConfig.{where} must be a non-empty list of non-negative token ids, got {list(ids)!r}.")
+    repeated = sorted({int(i) for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"LoraConfig.{where} lists token ids {repeated} more than once.")
+    return tuple(int(i) for i in ids)
+
+
+def _check_token_indices(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+    """PEFT's two forms: token ids for the input embedding, or ``{module name: token ids}``."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError("LoraConfig.trainable_token_indices is an empty dict; give {module name: [token ids]}.")
+        out = {}
+        for name, ids in value.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"LoraConfig.trainable_token_indices keys must be module names, got {name!r}.")
+            out[name] = _token_ids(f"trainable_token_indices[{name!r}]", ids)
+        return out
+    return _token_ids("trainable_token_indices", value)
 
 
 def _check_finite_number(name: str, value: Any) -> None:

@@ -124,7 +124,7 @@ def test_target_matching_nothing_lists_closest_names_first():
     (dict(r=0), "r must be a positive integer"),
     (dict(r=-3), "r must be a positive integer"),
     (dict(bias="some"), "bias must be one of"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights must be True, False or 'gaussian'"),
+    (dict(init_lora_weights="kaiming"), "init_lora_weights must be one of True, False, 'gaussian'"),
     (dict(lora_dropout=1.5), "lora_dropout must be in"),
     (dict(target_modules=None), "target_modules is required"),
     (dict(target_modules="(unclosed"), "not a valid regex"),
