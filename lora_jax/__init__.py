@@ -6,6 +6,7 @@
     merged = lora_jax.merge(params, adapter, config)  # for the plain model.apply
 """
 
+from lora_jax.adapters import check_adapters
 from lora_jax.config import LoraConfig
 from lora_jax.convert import convert_to_original_base, original_base_config
 from lora_jax.init import init, init_with_base
@@ -25,6 +26,7 @@ from lora_jax.tree import (
     print_trainable_parameters,
     trainable_mask,
 )
+from lora_jax.weighted import weighted_adapter
 
 __version__ = "0.1.0"
 
@@ -35,6 +37,7 @@ __all__ = [
     "LoraFallbackWarning",
     "Target",
     "check_adapter",
+    "check_adapters",
     "combine",
     "convert_to_original_base",
     "count_parameters",
@@ -58,4 +61,5 @@ __all__ = [
     "to_peft",
     "trainable_mask",
     "unmerge",
+    "weighted_adapter",
 ]
