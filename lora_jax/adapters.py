@@ -2,12 +2,21 @@
 
 There is no container class. A set of adapters is an ordinary dict whose values
 are ``(adapter, LoraConfig)`` pairs (what :func:`lora_jax.load_peft` returns
-unpacks as one), so adding, selecting and deleting are dict operations::
+unpacks as one), so adding, selecting and deleting are dict operations.
 
-    adapters = {"chat": (chat_adapter, chat_config), "sql": lora_jax.load_peft("sql", params)}
-    adapters["mix"] = lora_jax.weighted_adapter(adapters, [0.7, 0.3], "cat")  # add
-    adapter, config = adapters["sql"]                                        # select
-    del adapters["chat"]                                                     # delete
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax
+    >>> params = {"q": {"kernel": jnp.zeros((8, 8))}, "v": {"kernel": jnp.zeros((8, 8))}}
+    >>> qv = lora_jax.LoraConfig(r=2, target_modules=["q", "v"])
+    >>> q4 = lora_jax.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q"])
+    >>> adapters = {"qv": (lora_jax.init(qv, params, jax.random.key(0)), qv)}
+    >>> adapters["q4"] = (lora_jax.init(q4, params, jax.random.key(1)), q4)        # add
+    >>> adapters["mix"] = lora_jax.weighted_adapter(adapters, [0.5, 0.5], "cat")   # add a combination
+    >>> adapter, config = adapters["mix"]                                          # select
+    >>> del adapters["qv"]                                                         # delete
+    >>> sorted(adapters), config.r
+    (['mix', 'q4'], 6)
 
 Each adapter keeps its own config: ranks, ``lora_alpha``, targets and rsLoRA may
 differ from one adapter to the next. :func:`check_adapters` says, naming the

@@ -572,3 +572,23 @@ def test_result_keeps_the_first_adapters_dtype():
     high = lora_jax.init(config, params, jax.random.key(1))
     adapter, _ = weighted_adapter([(low, config), (high, config)], [1.0, 1.0], "svd")
     assert adapter["q"]["lora_A"].dtype == adapter["q"]["lora_B"].dtype == jnp.bfloat16
+
+
+# -- named adapters: a plain dict of (adapter, config) pairs ----------------------------------
+
+def test_named_adapters_take_load_peft_pairs_and_name_the_misfit(adapters, params, tmp_path):
+    adapter, config = adapters["two"]
+    lora_jax.save_peft(tmp_path / "two", adapter, config, params)
+    named = {"one": adapters["one"], "two": lora_jax.load_peft(tmp_path / "two", params)}
+    targets = lora_jax.check_adapters(named, params)
+    assert sorted(targets["two"]) == sorted(adapter) and targets["two"]["layers.0.k"].rank == 6
+    assert targets["two"]["layers.0.q"].scaling == pytest.approx(16 / math.sqrt(8))  # its own rsLoRA
+    mix, _ = weighted_adapter(named, [1.0, 1.0], "cat", params=params)
+    assert sorted(mix) == sorted(set(adapters["one"][0]) | set(adapter))
+
+    smaller = {"params": {**params["params"], "embed": {"embedding": jnp.zeros((VOCAB, 32))}}}
+    with pytest.raises(ValueError, match=r"Adapter 'two' does not fit these params \(an adapter for another "
+                                         r"base model\?\): adapter\['embed'\]\['lora_B'\] has shape \(8, 48\)"):
+        lora_jax.check_adapters(named, smaller)
+    with pytest.raises(TypeError, match=r"adapters\['one'\]: the adapter must be a dict"):
+        lora_jax.check_adapters({"one": (list(adapter.values()), config)}, params)
