@@ -13,6 +13,7 @@ from lora_jax.init import init, init_with_base
 from lora_jax.merge import lora_delta, merge, unmerge
 from lora_jax.optim import loraplus, loraplus_groups, masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
+from lora_jax.peft.sets import load_peft_set, save_peft_set
 from lora_jax.transform import LoraFallbackWarning, infer_in_axes, lora
 from lora_jax.tree import (
     InAxesWarning,
@@ -48,6 +49,7 @@ __all__ = [
     "init_with_base",
     "lora",
     "load_peft",
+    "load_peft_set",
     "lora_delta",
     "loraplus",
     "loraplus_groups",
@@ -58,6 +60,7 @@ __all__ = [
     "partition",
     "print_trainable_parameters",
     "save_peft",
+    "save_peft_set",
     "to_peft",
     "trainable_mask",
     "unmerge",
