@@ -337,6 +337,9 @@ def _gather_modules(named: Mapping[str, AdapterPair]) -> dict[str, list[_Factors
     """``{module: [factors of each adapter that targets it]}``, checking shapes agree."""
     modules: dict[str, list[_Factors]] = {}
     for adapter_name, (adapter, config) in named.items():
+        if config.use_dora:
+            raise ValueError(f"Adapter {adapter_name!r} is a DoRA adapter (use_dora=True); weighted_adapter "
+                             "combines plain LoRA adapters only (PEFT's combinations ignore the magnitude).")
         for module, entry in adapter.items():
             factors = _factors(adapter_name, module, entry, config)
             others = modules.setdefault(module, [])

@@ -532,6 +532,8 @@ def test_malformed_pairs_are_named(adapters):
     dora = {**adapter, "layers.0.v": {**adapter["layers.0.v"], "lora_magnitude": jnp.ones(64)}}
     with pytest.raises(ValueError, match=r"adapter 'dora', module 'layers.0.v' has \['lora_magnitude'\]"):
         weighted_adapter({"one": adapters["one"], "dora": (dora, config)}, [1, 1], "cat")
+    with pytest.raises(ValueError, match="Adapter 'dora' is a DoRA adapter"):
+        weighted_adapter({"one": adapters["one"], "dora": (adapter, config.replace(use_dora=True))}, [1, 1], "cat")
     with pytest.raises(ValueError, match="needs at least one adapter"):
         weighted_adapter({}, [], "cat")
 
