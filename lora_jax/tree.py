@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from lora_jax.config import OUTPUT_HEAD_NAMES, LoraConfig, layer_index, matches, pattern_key
+from lora_jax.quantize import is_quantized
 
 KeyPath = tuple[Any, ...]
 Adapter = dict[str, dict[str, jax.Array]]
@@ -51,8 +52,11 @@ def split_path(path: KeyPath) -> tuple[str, str]:
 
 
 def named_leaves(params: Any) -> Iterator[tuple[KeyPath, str, str, Any]]:
-    """Yield ``(key_path, module_name, leaf_name, leaf)`` for every leaf."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    """Yield ``(key_path, module_name, leaf_name, leaf)`` for every leaf.
+
+    A quantized kernel (:class:`lora_jax.quantize.QuantizedArray`) is one leaf.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         module_name, leaf_name = split_path(path)
         yield path, module_name, leaf_name, leaf
 
@@ -401,7 +405,8 @@ def combine(*trees: Any) -> Any:
 # -- counting ------------------------------------------------------------------------
 
 def _size(tree: Any, keep: Callable[[Any], bool] | None = None) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree) if keep is None or keep(x))
+    leaves = jax.tree.leaves(tree, is_leaf=is_quantized)
+    return sum(int(np.prod(np.shape(x))) for x in leaves if keep is None or keep(x))
 
 
 def count_parameters(params: Any, adapter: Adapter, config: LoraConfig | None = None) -> dict[str, float]:
