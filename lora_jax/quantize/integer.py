@@ -63,7 +63,8 @@ class Int8Array(RowQuantizedArray):
     """bitsandbytes' vector-wise int8: ``codes`` int8 ``(out, in)``, ``scale`` float32 ``(out,)``.
 
     ``scale`` is each output feature's absmax (bitsandbytes' ``SCB``), ``codes`` are
-    ``round(w * (127 / absmax))`` (half to even) and the value is
+    ``round(w * ((1 / absmax) * 127))`` (half to even, each step rounded to float32 as
+    PyTorch evaluates ``127.0 / absmax``) and the value is
     ``codes * scale * (1/127)`` in float32: exactly ``int8_vectorwise_quant`` /
     ``int8_vectorwise_dequant`` of the PyTorch ``(out, in)`` weight. An all-zero row
     gets scale 0 and codes 0. ``Linear8bitLt`` casts its weight to float16 first;
@@ -108,7 +109,8 @@ def quantize_int8(x: Any, *, num_in: int = 1, num_lead: int = 0,
         matrix = array_to_matrix(layer, num_in)
         absmax = np.abs(matrix).max(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            scaled = matrix * (F32(127) / absmax)[:, None]
+            # torch evaluates 127.0 / absmax as reciprocal(absmax) * 127: two roundings.
+            scaled = matrix * ((F32(1) / absmax) * F32(127))[:, None]
         codes = np.where(absmax[:, None] == 0, 0, np.rint(scaled)).astype(np.int8)
         return Int8Array(codes=jnp.asarray(codes), scale=jnp.asarray(absmax.astype(F32)),
                          slice_shape=tuple(layer.shape), dtype=dtype, num_in=num_in)
