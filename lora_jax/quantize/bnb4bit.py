@@ -221,7 +221,12 @@ def _nearest_code_4bit(scaled: np.ndarray, code: np.ndarray) -> np.ndarray:
     order = np.argsort(code, kind="stable")
     ordered = code[order]
     midpoints = (ordered[:-1] + ordered[1:]) / F32(2)
-    return order[np.searchsorted(midpoints, scaled, side="left")].astype(np.uint8)
+    rank = np.zeros(scaled.shape, np.uint8)  # how many midpoints lie strictly below the value
+    for midpoint in midpoints:
+        rank += scaled > midpoint
+    if np.array_equal(order, np.arange(order.size)):
+        return rank
+    return order.astype(np.uint8)[rank]
 
 
 def pack_nibbles_high_first(codes: np.ndarray) -> np.ndarray:
@@ -299,17 +304,21 @@ def unpack_nibbles_high_first(packed: jax.Array, n: int) -> jax.Array:
     return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[:n]
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Bnb4bitArray(QuantizedArray):
-    """Common code of :class:`NF4Array` and :class:`FP4Array`."""
+    """Fields and code of :class:`NF4Array` and :class:`FP4Array` (which set the code book)."""
 
     code: ClassVar[np.ndarray]
     _slice_ndim: ClassVar[int] = 1
-    codes: Any
-    absmax: Any
-    absmax_codes: Any
-    absmax_scale: Any
-    absmax_offset: Any
-    blocksize: int
+    codes: Any = child(default=None)
+    absmax: Any = child(default=None)
+    absmax_codes: Any = child(default=None)
+    absmax_scale: Any = child(default=None)
+    absmax_offset: Any = child(default=None)
+    slice_shape: tuple[int, ...] = ()
+    dtype: Any = np.dtype(np.float32)
+    num_in: int = 1
+    blocksize: int = 64
 
     @property
     def double_quant(self) -> bool:
@@ -367,15 +376,6 @@ class NF4Array(Bnb4bitArray):
 
     code: ClassVar[np.ndarray] = NF4_CODE
     scheme: ClassVar[str] = "nf4"
-    codes: Any = child(default=None)
-    absmax: Any = child(default=None)
-    absmax_codes: Any = child(default=None)
-    absmax_scale: Any = child(default=None)
-    absmax_offset: Any = child(default=None)
-    slice_shape: tuple[int, ...] = ()
-    dtype: Any = np.dtype(np.float32)
-    num_in: int = 1
-    blocksize: int = 64
 
 
 @register
@@ -393,15 +393,6 @@ class FP4Array(Bnb4bitArray):
 
     code: ClassVar[np.ndarray] = FP4_CODE
     scheme: ClassVar[str] = "fp4"
-    codes: Any = child(default=None)
-    absmax: Any = child(default=None)
-    absmax_codes: Any = child(default=None)
-    absmax_scale: Any = child(default=None)
-    absmax_offset: Any = child(default=None)
-    slice_shape: tuple[int, ...] = ()
-    dtype: Any = np.dtype(np.float32)
-    num_in: int = 1
-    blocksize: int = 64
 
 
 def is_power_of_two(value: Any) -> bool:

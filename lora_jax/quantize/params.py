@@ -253,7 +253,8 @@ def quantized_bytes(params: Any) -> dict[str, int | float]:
             quantized_params += leaf.size
             quantized_leaves += 1
         else:
-            size = int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+            size = int(np.prod(np.shape(leaf))) * np.dtype(dtype).itemsize
             before, after = before + size, after + size
     packed = sum(leaf.nbytes for leaf in jax.tree.leaves(params, is_leaf=is_quantized)
                  if is_quantized(leaf))
