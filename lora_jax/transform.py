@@ -56,6 +56,11 @@ class LoraValue:
     ``w`` has shape ``lead + a_dims + b_dims``; ``a`` is ``lead + a_dims + (r,)``
     and ``b`` is ``lead + (r,) + b_dims``. ``lead`` are stacked-layer axes.
     ``key`` (shape ``lead``) drives dropout on the LoRA branch, or is None.
+
+    In a mixed-adapter batch ``a`` and ``b`` carry a slot axis after ``lead``
+    (``lead + (slots,) + ...``), ``rows`` (shape ``lead + (batch,)``) holds each
+    example's slot (-1: the base alone) and ``slot_scaling`` (``lead + (slots,)``)
+    each slot's scaling, which then replaces ``scaling``.
     """
 
     w: Any
@@ -66,20 +71,32 @@ class LoraValue:
     scaling: float = dataclasses.field(metadata={"static": True})
     name: str = dataclasses.field(metadata={"static": True})
     dropout: float = dataclasses.field(metadata={"static": True})
+    rows: Any = None
+    slot_scaling: Any = None
+
+    @property
+    def ab_lead(self) -> int:
+        """Axes of ``a`` and ``b`` before the kernel's own: lead, and the slot axis if mixed."""
+        return self.num_lead + (self.rows is not None)
 
     @property
     def num_a(self) -> int:
-        return self.a.ndim - self.num_lead - 1
+        return self.a.ndim - self.ab_lead - 1
 
     @property
     def num_b(self) -> int:
-        return self.b.ndim - self.num_lead - 1
+        return self.b.ndim - self.ab_lead - 1
 
     def replace(self, **changes: Any) -> LoraValue:
         return dataclasses.replace(self, **changes)
 
     def dense(self) -> jax.Array:
         """The exact kernel ``W + s * A @ B`` in W's dtype (the fallback)."""
+        if self.rows is not None:
+            raise NotImplementedError(
+                f"lora_jax: in a mixed-adapter batch every use of a targeted kernel must be a dot or an "
+                f"embedding lookup; {self.name!r} is used otherwise, and one dense kernel cannot hold a "
+                "different adapter per example.")
         delta = lora_delta(self.a, self.b, self.num_lead, self.scaling)
         return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
 
@@ -108,13 +125,21 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     ``config.lora_dropout`` to the input of the LoRA branch; without it there
     is no dropout (evaluation). Array arguments are traced; other Python
     values (flags such as ``train=True``) are passed through as constants.
+
+    Mixed-adapter batches: with a stacked adapter (:func:`lora_jax.stack_adapters`)
+    and ``adapter_ids`` (one slot per example along the inputs' leading axis, -1 for
+    the base model alone), each example runs through its own adapter in one pass.
     """
 
     @functools.wraps(apply_fn)
     def apply(params: Any, adapter: Adapter, *args: Any, lora_rng: jax.Array | None = None,
-              **kwargs: Any) -> Any:
-        targets = find_targets(config, params, adapter)
-        check_adapter(targets, adapter)
+              adapter_ids: Any = None, **kwargs: Any) -> Any:
+        if adapter_ids is None:
+            targets = find_targets(config, params, adapter)
+            check_adapter(targets, adapter)
+            slots = None
+        else:
+            targets, slots = _mixed_targets(config, params, adapter, adapter_ids)
         by_path = {t.path: t for t in targets.values()}
         closed, out_tree, paths_leaves, traced_leaves = _trace(apply_fn, params, args, kwargs)
 
@@ -131,16 +156,60 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
                 key = jax.random.fold_in(lora_rng, index)
                 if target.num_lead:
                     key = jax.random.split(key, target.lead_shape)
-            invals.append(LoraValue(
+            value = LoraValue(
                 w=leaf, a=pair["lora_A"], b=pair["lora_B"], key=key, num_lead=target.num_lead,
                 scaling=target.scaling, name=target.module_name,
                 dropout=config.lora_dropout if use_dropout else 0.0,
-            ))
+            )
+            invals.append(value if slots is None else _with_slots(value, pair, slots))
         outs = _eval_jaxpr(closed.jaxpr, closed.consts, invals + traced_leaves)
         outs = _materialize(outs, "output")
         return jax.tree.unflatten(out_tree, outs)
 
     return apply
+
+
+def _mixed_targets(config: LoraConfig, params: Any, adapter: Adapter,
+                   adapter_ids: Any) -> tuple[dict[str, Any], jax.Array]:
+    """Targets of a stacked adapter (one slot's shapes), checked; and the ids as int32."""
+    first = next(iter(adapter.values()), None)
+    if not isinstance(first, dict) or "scaling" not in first:
+        raise ValueError("adapter_ids needs a stacked adapter from lora_jax.stack_adapters (entries with "
+                         "'lora_A', 'lora_B' and 'scaling' with a leading slot axis).")
+    one_slot = {m: {k: jax.ShapeDtypeStruct(np.shape(v)[1:], jnp.float32) for k, v in entry.items()
+                    if k != "scaling"} for m, entry in adapter.items()}
+    targets = find_targets(config, params, one_slot)
+    check_adapter(targets, one_slot)
+    num_slots = {m: np.shape(entry["scaling"]) for m, entry in adapter.items()}
+    if len(set(num_slots.values())) != 1 or len(next(iter(num_slots.values()))) != 1:
+        raise ValueError(f"A stacked adapter needs the same number of slots in every module; got {num_slots}.")
+    (slots,) = next(iter(num_slots.values()))
+    for m, entry in adapter.items():
+        for k in ("lora_A", "lora_B"):
+            if np.shape(entry[k])[0] != slots:
+                raise ValueError(f"adapter[{m!r}][{k!r}] has {np.shape(entry[k])[0]} slots, "
+                                 f"its scaling {slots}.")
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"adapter_ids must be a 1-D integer array (one slot per example), got shape "
+                         f"{tuple(ids.shape)} and dtype {ids.dtype}.")
+    if not isinstance(ids, jax.core.Tracer):
+        bad = [int(i) for i in np.asarray(ids) if not -1 <= int(i) < slots]
+        if bad:
+            raise ValueError(f"adapter_ids {bad} are out of range: this stack has slots 0..{slots - 1} "
+                             "(-1 = the base model alone).")
+    return targets, ids.astype(jnp.int32)
+
+
+def _with_slots(value: LoraValue, entry: dict[str, Any], ids: jax.Array) -> LoraValue:
+    """``value`` for a mixed batch: the slot axis of A and B moved after the lead axes,
+    ids and scalings broadcast over the lead axes (so ``scan`` slices them with the layers)."""
+    n = value.num_lead
+    lead_shape = tuple(np.shape(value.w)[:n])
+    scaling = jnp.asarray(entry["scaling"], jnp.float32)
+    return value.replace(a=jnp.moveaxis(value.a, 0, n), b=jnp.moveaxis(value.b, 0, n),
+                         rows=jnp.broadcast_to(ids, lead_shape + ids.shape),
+                         slot_scaling=jnp.broadcast_to(scaling, lead_shape + scaling.shape))
 
 
 def _is_array(x: Any) -> bool:
@@ -334,16 +403,17 @@ def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     head, rest = perm[:lead], perm[lead:]
     if head != tuple(range(lead)):
         return _fallback(eqn, invals)
-    lead_axes = tuple(range(lead))
+    ab = value.ab_lead  # A's and B's own axes start here (after lead, and a mixed batch's slots)
+    ab_axes, off = tuple(range(ab)), ab - lead
     a_range, b_range = range(lead, lead + na), range(lead + na, lead + na + nb)
     w = _bind(eqn, [value.w])
     if all(p in a_range for p in rest[:na]):  # (a..., b...) with each group permuted
-        a = value.a.transpose(lead_axes + rest[:na] + (lead + na,))
-        b = value.b.transpose(lead_axes + (lead,) + tuple(p - na + 1 for p in rest[na:]))
+        a = value.a.transpose(ab_axes + tuple(p + off for p in rest[:na]) + (ab + na,))
+        b = value.b.transpose(ab_axes + (ab,) + tuple(p - na + 1 + off for p in rest[na:]))
         return value.replace(w=w, a=a, b=b)
     if all(p in b_range for p in rest[:nb]):  # (b..., a...): K^T = B^T A^T swaps roles
-        new_a = value.b.transpose(lead_axes + tuple(p - na + 1 for p in rest[:nb]) + (lead,))
-        new_b = value.a.transpose(lead_axes + (lead + na,) + rest[nb:])
+        new_a = value.b.transpose(ab_axes + tuple(p - na + 1 + off for p in rest[:nb]) + (ab,))
+        new_b = value.a.transpose(ab_axes + (ab + na,) + tuple(p + off for p in rest[nb:]))
         return value.replace(w=w, a=new_a, b=new_b)
     return _fallback(eqn, invals)
 
@@ -354,18 +424,19 @@ def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
         return _fallback(eqn, invals)
     new_sizes = tuple(eqn.params["new_sizes"])
     lead = value.num_lead
-    lead_shape = value.w.shape[:lead]
-    if new_sizes[:lead] != lead_shape:
+    if new_sizes[:lead] != value.w.shape[:lead]:
         return _fallback(eqn, invals)
-    a_dims, r = value.a.shape[lead:-1], value.a.shape[-1]
-    b_dims = value.b.shape[lead + 1 :]
+    ab = value.ab_lead
+    ab_shape = value.a.shape[:ab]  # lead axes, and a mixed batch's slot axis
+    a_dims, r = value.a.shape[ab:-1], value.a.shape[-1]
+    b_dims = value.b.shape[ab + 1 :]
     body = new_sizes[lead:]
     for split in range(1, len(body)):
         if math.prod(body[:split]) == math.prod(a_dims) and math.prod(body[split:]) == math.prod(b_dims):
             return value.replace(
                 w=_bind(eqn, [value.w]),
-                a=value.a.reshape(lead_shape + body[:split] + (r,)),
-                b=value.b.reshape(lead_shape + (r,) + body[split:]),
+                a=value.a.reshape(ab_shape + body[:split] + (r,)),
+                b=value.b.reshape(ab_shape + (r,) + body[split:]),
             )
     return _fallback(eqn, invals)
 
@@ -433,10 +504,14 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     lead_shape = tuple(value.w.shape[:n])
     free_shape = tuple(x.shape[d] for d in x_free)
     rows = math.prod(free_shape)
-    a_dims, b_dims = tuple(value.a.shape[n:-1]), tuple(value.b.shape[n + 1 :])
+    ab = value.ab_lead
+    a_dims, b_dims = tuple(value.a.shape[ab:-1]), tuple(value.b.shape[ab + 1 :])
     rank = value.a.shape[-1]
     k_size = math.prod(b_dims if w_transposed else a_dims)
     xc = _reshape(xt, (rows, k_size) if shared_x else lead_shape + (rows, k_size))
+    if value.rows is not None:
+        return _mixed_dot(eqn, value, x, xc, free_shape, a_dims, b_dims,
+                          w_transposed, kernel_is_lhs, shared_x)
 
     dtype = value.w.dtype
     w = _reshape(value.w, lead_shape + (math.prod(a_dims), math.prod(b_dims)))
@@ -468,6 +543,61 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     return y
 
 
+def _mixed_dot(eqn: jcore.JaxprEqn, value: LoraValue, x: jax.Array, xc: jax.Array,
+               free_shape: tuple[int, ...], a_dims: tuple[int, ...], b_dims: tuple[int, ...],
+               w_transposed: bool, kernel_is_lhs: bool, shared_x: bool) -> jax.Array:
+    """A dot in a mixed-adapter batch: the base dot once, each example's rows through
+    its own slot's A and B (gathered per example: the thin dots batch over examples)."""
+    n = value.num_lead
+    batch = value.rows.shape[-1]
+    if shared_x or not free_shape or free_shape[0] != batch:
+        raise ValueError(
+            f"lora_jax: mixed-adapter batch: {value.name!r} is applied to an input whose leading free axis "
+            f"({free_shape[:1]}) is not the batch of {batch} examples that adapter_ids describes; "
+            "mixed batches need each targeted dot's input to keep examples on its leading axis.")
+    operands = [value.w, x] if kernel_is_lhs else [x, value.w]
+    base = _bind(eqn, operands)
+    dtype = value.w.dtype
+    lead_shape = tuple(value.w.shape[:n])
+    slot_a = value.a.reshape(value.a.shape[: n + 1] + (math.prod(a_dims), value.a.shape[-1])).astype(dtype)
+    slot_b = value.b.reshape(value.b.shape[: n + 2] + (math.prod(b_dims),)).astype(dtype)
+    if w_transposed:
+        first, second, k_free = jnp.swapaxes(slot_b, -1, -2), jnp.swapaxes(slot_a, -1, -2), a_dims
+    else:
+        first, second, k_free = slot_a, slot_b, b_dims
+    rows_a, rows_b, row_scaling = _per_example(value, first, second)
+    x4 = xc.reshape(lead_shape + (batch, -1, xc.shape[-1]))
+    xd = _dropout(x4, value.key, value.dropout, n)
+    x4 = x4 if xd is None else xd
+    both = tuple(range(n + 1))  # lead axes and the example axis batch every thin dot
+    low = lax.dot_general(x4, rows_a, (((n + 2,), (n + 1,)), (both, both)))        # lead, B, T, r
+    delta = lax.dot_general(low, rows_b, (((n + 2,), (n + 1,)), (both, both)))     # lead, B, T, N
+    delta = delta * row_scaling[..., None, None].astype(delta.dtype)
+    delta = delta.reshape(lead_shape + free_shape + k_free)
+    if kernel_is_lhs:
+        nf, nk = len(free_shape), len(k_free)
+        delta = delta.transpose(tuple(range(n)) + tuple(range(n + nf, n + nf + nk)) + tuple(range(n, n + nf)))
+    return base + delta.astype(base.dtype)
+
+
+def _per_example(value: LoraValue, *slotted: jax.Array) -> list[jax.Array]:
+    """Each example's slot of every array in ``slotted`` (slot axis after lead), and each
+    example's scaling: 0 for the base alone (id -1), NaN for an id outside the stack, so a
+    bad id traced under jit shows in the output instead of running some other adapter."""
+    n = value.num_lead
+    ids = value.rows
+    slots = value.slot_scaling.shape[-1]
+    valid = (ids >= 0) & (ids < slots)
+    safe = jnp.clip(ids, 0, slots - 1)
+    out = []
+    for array in slotted:
+        index = safe.reshape(safe.shape + (1,) * (array.ndim - n - 1))
+        out.append(jnp.take_along_axis(array, index, axis=n))
+    scaling = jnp.take_along_axis(value.slot_scaling, safe, axis=n)
+    out.append(jnp.where(valid, scaling, jnp.where(ids == -1, 0.0, jnp.nan)))
+    return out
+
+
 def _reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x if tuple(x.shape) == shape else x.reshape(shape)
 
@@ -483,6 +613,8 @@ def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     value, indices = invals
     if isinstance(indices, LoraValue) or value.num_lead or value.num_a != 1 or value.num_b != 1:
         return _fallback(eqn, invals)
+    if value.rows is not None:
+        return _mixed_gather(eqn, value, indices)
     dnums = eqn.params["dimension_numbers"]
     out_ndim = eqn.outvars[0].aval.ndim
     rows = dnums.collapsed_slice_dims == (0,) and dnums.start_index_map == (0,)
@@ -495,6 +627,30 @@ def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     a_rows = eqn.primitive.bind(a, indices, **params)
     delta = jnp.matmul(a_rows, value.b.astype(value.w.dtype))
     return base + (value.scaling * delta).astype(base.dtype)
+
+
+def _mixed_gather(eqn: jcore.JaxprEqn, value: LoraValue, indices: jax.Array) -> jax.Array:
+    """Embedding lookup in a mixed-adapter batch: row ``t`` of example ``i`` adds
+    ``s_i * A_i[t] @ B_i`` (each example gathers from its own slot's A)."""
+    batch = value.rows.shape[-1]
+    dnums = eqn.params["dimension_numbers"]
+    simple = (dnums.collapsed_slice_dims == (0,) and dnums.start_index_map == (0,)
+              and not dnums.operand_batching_dims and indices.shape[-1:] == (1,)
+              and tuple(eqn.params["slice_sizes"]) == (1, value.w.shape[1]))
+    if not simple or indices.ndim < 2 or indices.shape[0] != batch:
+        raise ValueError(
+            f"lora_jax: mixed-adapter batch: the lookup in {value.name!r} has token ids of shape "
+            f"{tuple(indices.shape)}, not (batch={batch}, ...); mixed batches need examples on the "
+            "leading axis.")
+    base = _bind(eqn, [value.w, indices])
+    rows_b, row_scaling = _per_example(value, value.b)
+    ids = jnp.clip(value.rows, 0, value.slot_scaling.shape[-1] - 1)
+    tokens = jnp.clip(indices[..., 0], 0, value.w.shape[0] - 1)
+    example = ids.reshape((batch,) + (1,) * (tokens.ndim - 1))
+    rows_a = value.a[example, tokens].astype(value.w.dtype)                  # batch, ..., r
+    delta = jnp.einsum("b...r,brd->b...d", rows_a, rows_b.astype(value.w.dtype))
+    delta = delta * row_scaling.reshape((batch,) + (1,) * (delta.ndim - 1)).astype(delta.dtype)
+    return base + delta.astype(base.dtype)
 
 
 # -- rules: control flow and calls ----------------------------------------------------------
