@@ -11,6 +11,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.convert import convert_to_original_base, original_base_config
 from lora_jax.init import init, init_with_base
 from lora_jax.merge import lora_delta, merge, unmerge
+from lora_jax.mixed import StackedAdapters, replace_adapter, stack_adapters
 from lora_jax.optim import loraplus, loraplus_groups, masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
 from lora_jax.peft.sets import load_peft_set, save_peft_set
@@ -36,6 +37,7 @@ __all__ = [
     "LoraConfig",
     "LoadedPeft",
     "LoraFallbackWarning",
+    "StackedAdapters",
     "Target",
     "check_adapter",
     "check_adapters",
@@ -59,7 +61,9 @@ __all__ = [
     "original_base_config",
     "partition",
     "print_trainable_parameters",
+    "replace_adapter",
     "save_peft",
+    "stack_adapters",
     "save_peft_set",
     "to_peft",
     "trainable_mask",

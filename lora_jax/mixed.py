@@ -121,11 +121,9 @@ def stack_adapters(adapters: Mapping[str, tuple[Adapter, LoraConfig]], params: A
     targets_by_name = {}
     for name in names:
         adapter, config = _pair(adapters, name)
-        if (config.stacked_modules, tuple(config.kernel_names)) != (first.stacked_modules,
-                                                                  tuple(first.kernel_names)):
-            raise ValueError(f"adapters[{name!r}] has stacked_modules={config.stacked_modules!r} / "
-                             f"kernel_names={config.kernel_names!r}, unlike adapters[{names[0]!r}]; "
-                             "adapters in one stack must see the params the same way.")
+        if tuple(config.kernel_names) != tuple(first.kernel_names):
+            raise ValueError(f"adapters[{name!r}] has kernel_names={config.kernel_names!r}, unlike "
+                             f"adapters[{names[0]!r}]; adapters in one stack must see the params the same way.")
         targets = find_targets(config, params, adapter)
         try:
             check_adapter(targets, adapter)
@@ -142,8 +140,9 @@ def stack_adapters(adapters: Mapping[str, tuple[Adapter, LoraConfig]], params: A
     slots = len(names) if slots is None else slots
     if slots < len(names):
         raise ValueError(f"slots={slots} is fewer than the {len(names)} adapters given.")
+    stacked_modules = {m for targets in targets_by_name.values() for m, t in targets.items() if t.num_lead}
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=tuple(modules),
-                        stacked_modules=first.stacked_modules, kernel_names=first.kernel_names)
+                        stacked_modules=tuple(sorted(stacked_modules)) or None, kernel_names=first.kernel_names)
     shapes = _slot_shapes(config, params, targets_by_name, modules)
     stacked = {m: {"lora_A": np.zeros((slots,) + a, np.float32),
                    "lora_B": np.zeros((slots,) + b, np.float32),
