@@ -16,6 +16,7 @@ gpt2, bert; GGUF files of architecture llama or qwen2.
 """
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput
+from .export import save_merged
 from .generation import generate, sample_logits
 from .gguf import read_gguf
 from .gpt2 import GPT2Config, GPT2LMHeadModel
@@ -51,6 +52,7 @@ __all__ = [
     "load_tokenizer",
     "read_gguf",
     "sample_logits",
+    "save_merged",
     "save_pretrained",
     "to_hf_state_dict",
 ]
