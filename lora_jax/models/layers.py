@@ -236,6 +236,45 @@ def update_kv_cache(
     return k, v, {"k": k, "v": v}
 
 
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    layer_cache: dict[str, jax.Array] | None = None,
+    index: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Attention from projected heads: RoPE (if given), the KV-cache write (if a cache is
+    given), then :func:`dot_product_attention`; returns ``(output, layer_cache)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import attend
+        >>> q = k = v = jnp.ones((1, 3, 2, 4))
+        >>> out, cache = attend(q, k, v, None, scale=0.5)
+        >>> out.shape, cache
+        ((1, 3, 8), None)
+
+    Args:
+        query: (batch, q, heads, head_dim).
+        key, value: (batch, q, kv_heads, head_dim), this call's tokens.
+        mask: boolean, broadcastable to (batch, 1, q, keys).
+        scale: multiplier of the scores.
+        rope: ``(cos, sin)`` from :func:`rope_angles`, applied to queries and keys.
+        layer_cache: ``{"k", "v"}`` of the layer; then the keys are every cache slot.
+        index: cache slot of this call's first token.
+    """
+    if rope is not None:
+        query = apply_rope(query, *rope)
+        key = apply_rope(key, *rope)
+    if layer_cache is not None:
+        key, value, layer_cache = update_kv_cache(layer_cache, key, value, index)
+    return dot_product_attention(query, key, value, mask, scale=scale), layer_cache
+
+
 def empty_kv_cache(
     num_layers: int,
     batch_size: int,
@@ -289,18 +328,66 @@ def _cache_length(cache: dict[str, Any]) -> int:
     return jax.tree.leaves(cache["layers"])[0].shape[-3]
 
 
+def split_cache(cache: dict[str, Any] | None) -> tuple[jax.Array | None, Any]:
+    """``(index, layers)`` of a KV cache, or ``(None, None)`` without one.
+
+    Example:
+        >>> from lora_jax.models.layers import empty_kv_cache, split_cache
+        >>> index, layers = split_cache(empty_kv_cache(2, 1, 8, 1, 4, "float32", stacked=False))
+        >>> int(index), len(layers)
+        (0, 2)
+    """
+    if cache is None:
+        return None, None
+    return cache["index"], cache["layers"]
+
+
+def next_cache(cache: dict[str, Any] | None, layers: Any, num_tokens: int) -> dict[str, Any] | None:
+    """The cache after a call that wrote ``num_tokens`` tokens into ``layers`` (None stays None).
+
+    Example:
+        >>> from lora_jax.models.layers import empty_kv_cache, next_cache
+        >>> cache = empty_kv_cache(1, 1, 8, 1, 4, "float32", stacked=True)
+        >>> int(next_cache(cache, cache["layers"], 3)["index"])
+        3
+    """
+    if cache is None:
+        return None
+    return {"index": cache["index"] + num_tokens, "layers": layers}
+
+
 def dense_init(stddev: float) -> Callable[..., jax.Array]:
     """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only)."""
     return nn.initializers.normal(stddev)
 
 
-def output_logits(hidden: jax.Array, embedding: nn.Embed, *, tied: bool, vocab_size: int,
-                  initializer_range: float, dtype: Any, param_dtype: Any) -> jax.Array:
-    """float32 logits: through the tied ``embedding`` table, or an ``lm_head`` Dense
-    created in the calling module's scope (call it from a compact ``__call__``)."""
-    if tied:
+def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype: Dtype,
+                  param_dtype: Dtype) -> jax.Array:
+    """float32 logits of a causal LM's last hidden states.
+
+    Through the ``embedding`` table when ``config.tie_word_embeddings``, else through
+    an ``lm_head`` Dense (``config.vocab_size`` outputs, init normal(0,
+    ``config.initializer_range``)) created in the calling module's scope: call it from
+    a compact ``__call__``.
+
+    Example:
+        >>> import types, jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.layers import output_logits
+        >>> config = types.SimpleNamespace(tie_word_embeddings=False, vocab_size=10,
+        ...                                initializer_range=0.02)
+        >>> class Head(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         embedding = nn.Embed(10, 4, name="embed")
+        ...         return output_logits(embedding(x), embedding, config,
+        ...                              dtype=jnp.float32, param_dtype=jnp.float32)
+        >>> logits, params = Head().init_with_output(jax.random.key(0), jnp.zeros((1, 3), int))
+        >>> logits.shape, params["params"]["lm_head"]["kernel"].shape
+        ((1, 3, 10), (4, 10))
+    """
+    if config.tie_word_embeddings:
         logits = embedding.attend(hidden)
     else:
-        logits = nn.Dense(vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=dense_init(initializer_range), name="lm_head")(hidden)
+        logits = nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=dense_init(config.initializer_range), name="lm_head")(hidden)
     return logits.astype(jnp.float32)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,68 +25,20 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import bert, gpt2, llama
+from .family import BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
 from .layers import Dtype
 
 Params = dict[str, Any]
-ParamPath = tuple[str, ...]
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Family:
-    build: Callable[..., nn.Module]
-    dummy_inputs: Callable[[], tuple]
-    # Checkpoints may or may not carry the base model's prefix ("bert.", "transformer.").
-    base_prefix: str
-    # Which kernels torch stores as an nn.Linear weight (out, in), i.e. need a transpose.
-    transposed: Callable[[ParamPath], bool]
-    # Node holding scanned layers (params with a leading layer axis), if supported.
-    scan_node: ParamPath | None
-    # Checkpoint tensors that are buffers or tied copies, skipped without a warning.
-    ignored: re.Pattern
-    causal_lm_architecture: str | None
-
-
-def _always(path: ParamPath) -> bool:
-    return True
-
-
-def _gpt2_transposed(path: ParamPath) -> bool:
-    return path[0] == "lm_head"
-
-
-_LLAMA = dict(
-    build=llama.build,
-    dummy_inputs=llama.dummy_inputs,
-    base_prefix="model.",
-    transposed=_always,
-    scan_node=("model", "layers"),
-    ignored=re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$"),
-)
-_FAMILIES: dict[str, _Family] = {
-    "llama": _Family(**_LLAMA, causal_lm_architecture="LlamaForCausalLM"),
-    "mistral": _Family(**_LLAMA, causal_lm_architecture="MistralForCausalLM"),
-    "qwen2": _Family(**_LLAMA, causal_lm_architecture="Qwen2ForCausalLM"),
-    "gpt2": _Family(
-        build=gpt2.build,
-        dummy_inputs=gpt2.dummy_inputs,
-        base_prefix="transformer.",
-        transposed=_gpt2_transposed,
-        scan_node=None,
-        ignored=re.compile(r"(.*\.)?attn\.(masked_)?bias$|lm_head\.weight"),
-        causal_lm_architecture="GPT2LMHeadModel",
-    ),
-    "bert": _Family(
-        build=bert.build,
-        dummy_inputs=bert.dummy_inputs,
-        base_prefix="bert.",
-        transposed=_always,
-        scan_node=None,
-        ignored=re.compile(r".*position_ids$|^cls\..*"),
-        causal_lm_architecture=None,
-    ),
+# Every family this package implements; a new family is one module ending in FAMILY.
+_FAMILIES: dict[str, ModelFamily] = {
+    model_type: module.FAMILY
+    for module in (llama, gpt2, bert)
+    for model_type in module.FAMILY.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
@@ -161,7 +112,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     )
 
 
-def _family(config: dict[str, Any]) -> _Family:
+def _family(config: dict[str, Any]) -> ModelFamily:
     model_type = config.get("model_type")
     if model_type not in _FAMILIES:
         raise ValueError(
@@ -206,14 +157,9 @@ def build_module(
     # Accept "bfloat16", np.float32, jnp.bfloat16 alike; module fields must be hashable.
     dtype = jnp.dtype(dtype)
     compute_dtype = dtype if compute_dtype is None else jnp.dtype(compute_dtype)
-    return family.build(
-        config,
-        dtype=compute_dtype,
-        param_dtype=dtype,
-        scan_layers=scan_layers,
-        architecture=_architecture(config, architecture),
-        **options,
-    )
+    settings = BuildSettings(dtype=compute_dtype, param_dtype=dtype, scan_layers=scan_layers,
+                             architecture=_architecture(config, architecture))
+    return family.build(config, settings, **options)
 
 
 def from_config(
@@ -236,13 +182,8 @@ def from_config(
         (32, 32)
     """
     config = config_to_dict(config)
-    module = build_module(
-        config,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        scan_layers=scan_layers,
-        architecture=architecture,
-    )
+    module = build_module(config, dtype=dtype, compute_dtype=compute_dtype,
+                          scan_layers=scan_layers, architecture=architecture)
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), *_family(config).dummy_inputs())
     )["params"]
@@ -317,7 +258,7 @@ def _checkpoint_files(directory: Path) -> list[Path]:
 
 def _load_params(
     module: nn.Module,
-    family: _Family,
+    family: ModelFamily,
     checkpoint: Any,
     dtype: Dtype,
     source: str,
@@ -430,21 +371,9 @@ def from_pretrained(
             "model.safetensors (or model.safetensors.index.json), or a .gguf file"
         )
     family = _family(config)
-    options = {}
-    if config.get("model_type") == "bert":
-        # Checkpoints of BERT heads other than the classifier may lack the pooler.
-        keys = set(checkpoint.keys())
-        options["add_pooling_layer"] = bool(
-            {"pooler.dense.weight", "bert.pooler.dense.weight"} & keys
-        )
-    module = build_module(
-        config,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        scan_layers=scan_layers,
-        architecture=architecture,
-        **options,
-    )
+    options = family.build_options(checkpoint.keys())
+    module = build_module(config, dtype=dtype, compute_dtype=compute_dtype,
+                          scan_layers=scan_layers, architecture=architecture, **options)
     params = _load_params(module, family, checkpoint, module.param_dtype, source)
     return Model(module, params, config, source)
 
@@ -503,13 +432,6 @@ def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
     return state
 
 
-def _saved_architecture(config: dict[str, Any], params: Params) -> str:
-    family = _family(config)
-    if family.causal_lm_architecture is not None:
-        return family.causal_lm_architecture
-    return "BertForSequenceClassification" if "classifier" in params else "BertModel"
-
-
 def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers loads.
 
@@ -530,7 +452,7 @@ def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     config = config_to_dict(config)
     params = _unwrap(params)
     state = to_hf_state_dict(config, params)
-    config["architectures"] = [_saved_architecture(config, params)]
+    config["architectures"] = [_family(config).architecture(config["model_type"], params)]
     float_dtypes = {
         str(a.dtype)
         for a in state.values()
