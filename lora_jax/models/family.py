@@ -134,7 +134,7 @@ class ConfigReader:
         >>> read.int("num_hidden_layers")
         Traceback (most recent call last):
         ...
-        lora_jax.models.errors.ModelLoadError: the llama config has no 'num_hidden_layers' (an integer >= 1)
+        lora_jax.models.errors.ModelLoadError: the llama config has no 'num_hidden_layers'; expected an integer >= 1
     """
 
     def __init__(self, config: Mapping[str, Any], model_type: str) -> None:
@@ -146,7 +146,9 @@ class ConfigReader:
         value = self.config.get(key)
         if value is None:
             if default is _REQUIRED:
-                raise ModelLoadError(f"the {self.model_type} config has no {key!r} ({expected})")
+                raise ModelLoadError(
+                    f"the {self.model_type} config has no {key!r}; expected {expected}"
+                )
             return default
         if not valid(value):
             raise ModelLoadError(

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import UnsupportedModelError
+
 Dtype = Any
 
 # A large negative number rather than -inf: a fully masked row (a padding query)
@@ -85,7 +87,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return _ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}"
         ) from None
 
@@ -129,7 +131,7 @@ def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(
+    raise UnsupportedModelError(
         f"unsupported rope_type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
     )
 

@@ -185,11 +185,23 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"unsupported rope_type {rope['rope_type']!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
         )
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+    read = ConfigReader(rope, f"{config.get('model_type', 'llama')} rope")
+    read.float("rope_theta")
+    for key in _ROPE_FIELDS[rope["rope_type"]]:
+        read.float(key)
+    if read.float("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModelError(
             "partial_rotary_factor != 1 is not supported by the Llama family"
         )
     return rope
+
+
+# The scaling fields each rope type needs (rope_theta aside).
+_ROPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tuple:

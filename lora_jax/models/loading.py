@@ -25,8 +25,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import bert, gpt2, llama
+from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .family import BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
+from .hf_files import SafetensorsCheckpoint, checkpoint_files, read_json_object, refuse_remote_code
 from .layers import Dtype
 
 Params = dict[str, Any]
@@ -103,8 +105,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return dict(config)
     if isinstance(config, (str, Path)):
         path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        return json.loads(path.read_text())
+        return read_json_object(path / "config.json" if path.is_dir() else path)
     if hasattr(config, "to_dict"):
         return config.to_dict()
     raise TypeError(
@@ -114,8 +115,12 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def _family(config: dict[str, Any]) -> ModelFamily:
     model_type = config.get("model_type")
-    if model_type not in _FAMILIES:
-        raise ValueError(
+    if model_type is None:
+        raise ModelLoadError(
+            f"the config has no model_type; expected one of {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
+        raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
         )
     return _FAMILIES[model_type]
@@ -222,40 +227,6 @@ def _candidate_names(name: str, prefix: str) -> list[str]:
     return names
 
 
-class _SafetensorsCheckpoint:
-    """Tensors of one or several (sharded) safetensors files, read as numpy on demand."""
-
-    def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(f), framework="np") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> np.ndarray:
-        return self._where[name].get_tensor(name)
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        return files
-    raise FileNotFoundError(
-        f"{directory} has config.json but no weights: expected model.safetensors, "
-        "model.safetensors.index.json (sharded) or *.safetensors (PyTorch .bin files are "
-        "not supported; convert them with transformers' save_pretrained)"
-    )
-
-
 def _load_params(
     module: nn.Module,
     family: ModelFamily,
@@ -263,8 +234,9 @@ def _load_params(
     dtype: Dtype,
     source: str,
 ) -> Params:
-    """Params for ``module`` filled from ``checkpoint`` (``keys()`` / ``get(name)`` in
-    torch layout), with every shape checked against what the module expects."""
+    """Params for ``module`` filled from ``checkpoint`` (``keys()``, ``get(name)`` in
+    torch layout and ``describe(name)`` for errors), with every shape checked against
+    what the module expects."""
     expected = jax.eval_shape(lambda: module.init(jax.random.key(0), *family.dummy_inputs()))[
         "params"
     ]
@@ -278,17 +250,22 @@ def _load_params(
         )
         if found is None:
             sample = sorted(available)[:5]
-            raise KeyError(
+            raise MissingTensorError(
                 f"{source}: no tensor {name!r} (param {'.'.join(path)}, shape {shape}) in the "
                 f"checkpoint; it has {len(available)} tensors, e.g. {sample}"
             )
         used.add(found)
         array = checkpoint.get(found)
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ModelLoadError(
+                f"{source}: tensor {checkpoint.describe(found)} has dtype {array.dtype}; "
+                f"expected floating-point weights (param {'.'.join(path)})"
+            )
         transpose = path[-1] == "kernel" and family.transposed(path)
         torch_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         if tuple(array.shape) != torch_shape:
-            raise ValueError(
-                f"{source}: tensor {found!r} has shape {tuple(array.shape)}, expected "
+            raise ModelLoadError(
+                f"{source}: tensor {checkpoint.describe(found)} has shape {tuple(array.shape)}, expected "
                 f"{torch_shape} (param {'.'.join(path)} of shape {tuple(shape)})"
             )
         return array.T if transpose else array
@@ -359,27 +336,43 @@ def from_pretrained(
     gguf_file = _find_gguf(path)
     if gguf_file is not None:
         config, checkpoint = read_gguf(gguf_file)
-        source = str(gguf_file)
+        source = config_source = str(gguf_file)
+        family = _family(config)
     elif path.is_dir() and (path / "config.json").is_file():
+        refuse_remote_code(path)
         config = config_to_dict(path)
-        _family(config)  # an unsupported model_type is the clearer error; raise it first
-        checkpoint = _SafetensorsCheckpoint(_checkpoint_files(path))
-        source = str(path)
+        source, config_source = str(path), str(path / "config.json")
+        # An unsupported model_type is the clearer error; raise it before reading weights.
+        family = _with_source(config_source, _family, config)
+        checkpoint = SafetensorsCheckpoint(checkpoint_files(path))
     else:
         raise FileNotFoundError(
             f"{path} is not a model: expected a directory with config.json and "
             "model.safetensors (or model.safetensors.index.json), or a .gguf file"
         )
-    family = _family(config)
     options = family.build_options(checkpoint.keys())
-    module = build_module(config, dtype=dtype, compute_dtype=compute_dtype,
-                          scan_layers=scan_layers, architecture=architecture, **options)
+    module = _with_source(config_source, functools.partial(
+        build_module, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+        architecture=architecture, **options), config)
     params = _load_params(module, family, checkpoint, module.param_dtype, source)
     return Model(module, params, config, source)
 
 
+def _with_source(source: str, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """``build(config)``, with the file the config came from at the front of a config error."""
+    try:
+        return build(config)
+    except ModelLoadError as err:
+        if str(err).startswith(source):
+            raise
+        raise type(err)(f"{source}: {err}") from None
+
+
 def load_tokenizer(source: str | Path) -> Any:
     """The transformers ``AutoTokenizer`` of a checkpoint directory or GGUF file (offline).
+
+    A directory (or the GGUF file's directory) whose ``config.json`` or
+    ``tokenizer_config.json`` has an ``auto_map`` is refused: its tokenizer is code.
 
     Example:
         >>> tokenizer = load_tokenizer("/models/SmolLM2.Q4_1.gguf")  # doctest: +SKIP
@@ -388,11 +381,12 @@ def load_tokenizer(source: str | Path) -> Any:
 
     path = Path(source)
     gguf_file = _find_gguf(path)
+    directory = gguf_file.parent if gguf_file is not None else path
+    refuse_remote_code(directory)  # transformers would otherwise ask on stdin
+    options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
-        )
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        options["gguf_file"] = gguf_file.name
+    return AutoTokenizer.from_pretrained(str(directory), **options)
 
 
 # --------------------------------------------------------------------------- export
