@@ -104,13 +104,28 @@ class BertConfig:
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head, ``hidden_size // num_attention_heads``."""
+        """Width of one attention head, ``hidden_size // num_attention_heads``.
+
+        Example:
+            >>> from lora_jax.models import BertConfig
+            >>> BertConfig.from_hf({"hidden_size": 32, "num_attention_heads": 4,
+            ...     "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 99}).head_dim
+            8
+        """
         return self.hidden_size // self.num_attention_heads
 
     @property
     def attention(self) -> AttentionConfig:
         """``attention.self``: query/key/value with biases; the output projection is
-        ``attention.output.dense`` (:class:`BertResidualOutput`)."""
+        ``attention.output.dense`` (:class:`BertResidualOutput`).
+
+        Example:
+            >>> from lora_jax.models import BertConfig
+            >>> BertConfig.from_hf({"hidden_size": 32, "num_attention_heads": 4,
+            ...     "num_hidden_layers": 1, "intermediate_size": 64,
+            ...     "vocab_size": 99}).attention.names[:3]
+            ('query', 'key', 'value')
+        """
         return AttentionConfig(
             num_heads=self.num_attention_heads,
             num_kv_heads=self.num_attention_heads,
@@ -146,7 +161,8 @@ class BertEmbeddings(ConfigModule):
         >>> cfg = BertConfig.from_hf({"hidden_size": 8, "num_attention_heads": 2,
         ...     "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 20})
         >>> ids = jnp.zeros((1, 3), jnp.int32)
-        >>> x, params = BertEmbeddings(cfg).init_with_output(jax.random.key(0), ids, ids, ids)
+        >>> x, params = jax.eval_shape(BertEmbeddings(cfg).init_with_output,
+        ...                            jax.random.key(0), ids, ids, ids)
         >>> x.shape, sorted(params["params"])  # doctest: +NORMALIZE_WHITESPACE
         ((1, 3, 8), ['LayerNorm', 'position_embeddings', 'token_type_embeddings',
                      'word_embeddings'])
@@ -174,7 +190,7 @@ class BertResidualOutput(ConfigModule):
         >>> cfg = BertConfig.from_hf({"hidden_size": 8, "num_attention_heads": 2,
         ...     "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 20})
         >>> h = jnp.ones((1, 3, 16))
-        >>> out, params = BertResidualOutput(cfg).init_with_output(
+        >>> out, params = jax.eval_shape(BertResidualOutput(cfg).init_with_output,
         ...     jax.random.key(0), h, jnp.ones((1, 3, 8)))
         >>> out.shape, params["params"]["dense"]["kernel"].shape
         ((1, 3, 8), (16, 8))
@@ -200,7 +216,7 @@ class BertLayer(ConfigModule):
         >>> from lora_jax.models.bert import BertConfig, BertLayer
         >>> cfg = BertConfig.from_hf({"hidden_size": 8, "num_attention_heads": 2,
         ...     "num_hidden_layers": 1, "intermediate_size": 16, "vocab_size": 20})
-        >>> (x, _), params = BertLayer(cfg).init_with_output(
+        >>> (x, _), params = jax.eval_shape(BertLayer(cfg).init_with_output,
         ...     jax.random.key(0), jnp.ones((1, 3, 8)), None, None)
         >>> x.shape, sorted(params["params"])
         ((1, 3, 8), ['attention', 'intermediate', 'output'])

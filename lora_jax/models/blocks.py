@@ -33,13 +33,14 @@ class ConfigModule(nn.Module):
     or from ``setup``.
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> from lora_jax.models.blocks import AttentionConfig, ConfigModule
         >>> class Proj(ConfigModule):
         ...     @nn.compact
         ...     def __call__(self, x):
         ...         return self.dense(3, "proj")(x)
-        >>> params = Proj(AttentionConfig(1, 1, 2, 2)).init(jax.random.key(0), jnp.ones((1, 2)))
+        >>> module = Proj(AttentionConfig(1, 1, 2, 2))
+        >>> params = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 2)))
         >>> params["params"]["proj"]["kernel"].shape
         (2, 3)
     """
@@ -50,24 +51,83 @@ class ConfigModule(nn.Module):
 
     @property
     def kw(self) -> dict[str, Dtype]:
-        """``dtype`` and ``param_dtype``, to pass on to a child ``ConfigModule``."""
+        """``dtype`` and ``param_dtype``, to pass on to a child ``ConfigModule``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from lora_jax.models.blocks import MLP, MLPConfig
+            >>> MLP(MLPConfig(8, 4, "relu"), dtype=jnp.bfloat16).kw["dtype"]
+            <class 'jax.numpy.bfloat16'>
+        """
         return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
-        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``)."""
+        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn
+            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+            >>> class Head(ConfigModule):
+            ...     @nn.compact
+            ...     def __call__(self, x):
+            ...         return self.dense(2, "score", use_bias=False)(x)
+            >>> head = Head(MLPConfig(8, 4, "relu"))
+            >>> params = jax.eval_shape(head.init, jax.random.key(0), jnp.ones((1, 4)))
+            >>> jax.tree.map(jnp.shape, params)
+            {'params': {'score': {'kernel': (4, 2)}}}
+        """
         return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 
     def layer_norm(self, eps: float, name: str | None) -> nn.LayerNorm:
-        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias``."""
+        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn
+            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+            >>> class Norm(ConfigModule):
+            ...     @nn.compact
+            ...     def __call__(self, x):
+            ...         return self.layer_norm(1e-5, "ln")(x)
+            >>> y, _ = Norm(MLPConfig(8, 4, "relu")).init_with_output(
+            ...     jax.random.key(0), jnp.array([[1.0, 3.0]]))
+            >>> jnp.round(y, 3)
+            Array([[-1.,  1.]], dtype=float32)
+        """
         return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name, **self.kw)
 
     def rms_norm(self, eps: float, name: str | None) -> RMSNorm:
-        """Llama's RMSNorm (statistics in float32)."""
+        """Llama's RMSNorm (statistics in float32).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn
+            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+            >>> class Norm(ConfigModule):
+            ...     @nn.compact
+            ...     def __call__(self, x):
+            ...         return self.rms_norm(0.0, "norm")(x)
+            >>> y, _ = Norm(MLPConfig(8, 4, "relu")).init_with_output(
+            ...     jax.random.key(0), jnp.array([[2.0, -2.0]]))
+            >>> y
+            Array([[ 1., -1.]], dtype=float32)
+        """
         return RMSNorm(eps, name=name, **self.kw)
 
     def embed(self, num_embeddings: int, features: int, name: str | None) -> nn.Embed:
-        """An embedding table, init normal(0, ``config.initializer_range``)."""
+        """An embedding table, init normal(0, ``config.initializer_range``).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, flax.linen as nn
+            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+            >>> class Tokens(ConfigModule):
+            ...     @nn.compact
+            ...     def __call__(self, ids):
+            ...         return self.embed(10, 4, "wte")(ids)
+            >>> x, params = jax.eval_shape(Tokens(MLPConfig(8, 4, "relu")).init_with_output,
+            ...     jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+            >>> x.shape, params["params"]["wte"]["embedding"].shape
+            ((1, 3, 4), (10, 4))
+        """
         return nn.Embed(num_embeddings, features, embedding_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 
@@ -124,7 +184,7 @@ class SelfAttention(ConfigModule):
         >>> from lora_jax.models.blocks import AttentionConfig, SelfAttention
         >>> attention = SelfAttention(AttentionConfig(4, 2, 8, features=32))
         >>> x = jnp.ones((1, 5, 32))
-        >>> (out, _), params = attention.init_with_output(jax.random.key(0), x, None)
+        >>> (out, _), params = jax.eval_shape(attention.init_with_output, jax.random.key(0), x, None)
         >>> out.shape, params["params"]["k_proj"]["kernel"].shape
         ((1, 5, 32), (32, 16))
     """
@@ -177,7 +237,13 @@ class MLPConfig:
 
     @property
     def gated(self) -> bool:
-        """Whether the MLP has a gate projection (three names)."""
+        """Whether the MLP has a gate projection (three names).
+
+        Example:
+            >>> from lora_jax.models.blocks import MLPConfig
+            >>> MLPConfig(64, 16, "gelu_new", names=("c_fc", "c_proj")).gated
+            False
+        """
         return len(self.names) == 3
 
 
@@ -188,7 +254,8 @@ class MLP(ConfigModule):
         >>> import jax, jax.numpy as jnp
         >>> from lora_jax.models.blocks import MLP, MLPConfig
         >>> mlp = MLP(MLPConfig(64, 16, "gelu_new", use_bias=True, names=("c_fc", "c_proj")))
-        >>> out, params = mlp.init_with_output(jax.random.key(0), jnp.ones((1, 3, 16)))
+        >>> out, params = jax.eval_shape(mlp.init_with_output, jax.random.key(0),
+        ...                              jnp.ones((1, 3, 16)))
         >>> out.shape, sorted(params["params"])
         ((1, 3, 16), ['c_fc', 'c_proj'])
     """
@@ -231,7 +298,7 @@ class UnrolledLayers(nn.Module):
     :class:`PerLayer` gives each layer its own item; the others go to every layer.
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> from lora_jax.models.blocks import (MLP, MLPConfig, ConfigModule, PerLayer,
         ...     UnrolledLayers)
         >>> class Residual(ConfigModule):
@@ -278,14 +345,14 @@ def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: b
     argument is the same for all layers (no :class:`PerLayer`).
 
     Example:
-        >>> import jax, jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> from lora_jax.models.blocks import MLP, MLPConfig, ConfigModule, layer_stack
         >>> class Residual(ConfigModule):
         ...     @nn.compact
         ...     def __call__(self, x, layer_cache):
         ...         return x + MLP(self.config, name="mlp")(x), layer_cache
         >>> stack = layer_stack(Residual, MLPConfig(8, 4, "relu"), 3, scan=True, num_args=0)
-        >>> params = stack.init(jax.random.key(0), jnp.ones((1, 4)), None)
+        >>> params = jax.eval_shape(stack.init, jax.random.key(0), jnp.ones((1, 4)), None)
         >>> params["params"]["mlp"]["up_proj"]["kernel"].shape
         (3, 4, 8)
     """

@@ -44,12 +44,25 @@ def save_merged(
 ) -> Path:
     """Merge ``adapter`` into the model's params and write a checkpoint transformers loads.
 
-    Example::
+    Example:
+        >>> import tempfile, jax, lora_jax, numpy as np
+        >>> from lora_jax import models
+        >>> model = models.from_config({"model_type": "llama", "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        ...     "vocab_size": 30})
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        >>> adapter = lora_jax.init(config, model.params, jax.random.key(0))
+        >>> adapter = jax.tree.map(lambda x: x + 0.1, adapter)  # as if trained (B is not 0)
+        >>> out = models.save_merged(tempfile.mkdtemp(), model, adapter, config)
+        >>> sorted(p.name for p in out.iterdir())
+        ['config.json', 'model.safetensors']
+        >>> ids = np.array([[1, 2, 3]])
+        >>> tuned = lora_jax.lora(model.module.apply, config)(
+        ...     {"params": model.params}, adapter, ids)
+        >>> bool(np.allclose(models.from_pretrained(out)(ids), tuned, atol=1e-5))
+        True
 
-        model = lora_jax.models.from_pretrained("SmolLM2-135M")
-        ...  # train the adapter (and any modules_to_save / bias leaves, in params)
-        save_merged("out/merged", model, adapter, config, params=params)
-        # AutoModelForCausalLM.from_pretrained("out/merged") computes what lora(...) did.
+    ``AutoModelForCausalLM.from_pretrained(out)`` in PyTorch computes the same logits.
 
     Args:
         path: output directory (``config.json``, ``model.safetensors`` and the tokenizer).

@@ -80,7 +80,13 @@ class BuildSettings:
 
     @property
     def dtypes(self) -> dict[str, Any]:
-        """``dtype`` and ``param_dtype`` as module keyword arguments."""
+        """``dtype`` and ``param_dtype`` as module keyword arguments.
+
+        Example:
+            >>> from lora_jax.models.family import BuildSettings
+            >>> sorted(BuildSettings().dtypes)
+            ['dtype', 'param_dtype']
+        """
         return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
 
@@ -157,7 +163,14 @@ class ConfigReader:
         return value
 
     def int(self, key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
-        """``config[key]`` as an int >= ``minimum`` (``default`` when absent or None)."""
+        """``config[key]`` as an int >= ``minimum`` (``default`` when absent or None).
+
+        Example:
+            >>> from lora_jax.models.family import ConfigReader
+            >>> read = ConfigReader({"num_key_value_heads": None, "n_layer": 2.0}, "gpt2")
+            >>> read.int("num_key_value_heads", 4), read.int("n_layer")
+            (4, 2)
+        """
 
         def valid(value: Any) -> bool:
             whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
@@ -167,7 +180,13 @@ class ConfigReader:
         return value if value is default else int(value)
 
     def float(self, key: str, default: Any = _REQUIRED) -> Any:
-        """``config[key]`` as a finite float (``default`` when absent or None)."""
+        """``config[key]`` as a finite float (``default`` when absent or None).
+
+        Example:
+            >>> from lora_jax.models.family import ConfigReader
+            >>> ConfigReader({"rope_theta": 10000}, "llama").float("rope_theta")
+            10000.0
+        """
 
         def valid(value: Any) -> bool:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -177,10 +196,24 @@ class ConfigReader:
         return value if value is default else float(value)
 
     def bool(self, key: str, default: Any = _REQUIRED) -> Any:
-        """``config[key]`` as a bool (``default`` when absent or None)."""
+        """``config[key]`` as a bool (``default`` when absent or None).
+
+        Example:
+            >>> from lora_jax.models.family import ConfigReader
+            >>> ConfigReader({"tie_word_embeddings": "no"}, "llama").bool("tie_word_embeddings")
+            Traceback (most recent call last):
+            ...
+            lora_jax.models.errors.ModelLoadError: the llama config has tie_word_embeddings='no'; expected true or false
+        """
         value = self._read(key, default, "true or false", lambda v: isinstance(v, bool))
         return value if value is default else bool(value)
 
     def str(self, key: str, default: Any = _REQUIRED) -> Any:
-        """``config[key]`` as a str (``default`` when absent or None)."""
+        """``config[key]`` as a str (``default`` when absent or None).
+
+        Example:
+            >>> from lora_jax.models.family import ConfigReader
+            >>> ConfigReader({}, "gpt2").str("activation_function", "gelu_new")
+            'gelu_new'
+        """
         return self._read(key, default, "a string", lambda v: isinstance(v, str))

@@ -44,6 +44,7 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for tensors we do not map.
 
     Example:
+        >>> from lora_jax.models.gguf import hf_tensor_name
         >>> hf_tensor_name("blk.3.attn_q.weight")
         'model.layers.3.self_attn.q_proj.weight'
     """
@@ -64,6 +65,8 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     of each head's rows. This puts them back: per head, (half, 2) -> (2, half).
 
     Example:
+        >>> import numpy as np
+        >>> from lora_jax.models.gguf import unpermute_rotary_rows
         >>> unpermute_rotary_rows(np.array([0, 2, 1, 3]), num_heads=1)
         array([0, 1, 2, 3])
     """
@@ -77,6 +80,21 @@ class GGUFTensors:
 
     ``keys()`` lists the Hugging Face names; ``get(name)`` returns a numpy array in torch
     layout ((out, in) for linear weights).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> import gguf, numpy as np
+        >>> from lora_jax.models.gguf import GGUFTensors
+        >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "tiny.gguf")
+        >>> writer = gguf.GGUFWriter(path, "llama")
+        >>> writer.add_tensor("output_norm.weight", np.arange(4, dtype=np.float32))
+        >>> writer.write_header_to_file(); writer.write_kv_data_to_file()
+        >>> writer.write_tensors_to_file(); writer.close()
+        >>> tensors = GGUFTensors(gguf.GGUFReader(path), {}, rotary_permuted=False)
+        >>> tensors.keys(), tensors.get("model.norm.weight")
+        (['model.norm.weight'], array([0., 1., 2., 3.], dtype=float32))
+        >>> tensors.describe("model.norm.weight")
+        "'output_norm.weight' (read as 'model.norm.weight')"
     """
 
     def __init__(self, reader: Any, config: dict[str, Any], rotary_permuted: bool) -> None:
@@ -89,13 +107,15 @@ class GGUFTensors:
         self._rotary_permuted = rotary_permuted
 
     def keys(self) -> list[str]:
+        """The Hugging Face names of the tensors this file maps (see the class example)."""
         return list(self._reader_tensors)
 
     def describe(self, name: str) -> str:
-        """The GGUF tensor behind ``name``, for error messages."""
+        """The GGUF tensor behind ``name``, for error messages (see the class example)."""
         return f"{self._reader_tensors[name].name!r} (read as {name!r})"
 
     def get(self, name: str) -> np.ndarray:
+        """The tensor ``name``, dequantised to float32 in torch layout (see the class example)."""
         from gguf.quants import dequantize
 
         tensor = self._reader_tensors[name]
@@ -167,7 +187,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
         >>> import pathlib, tempfile
         >>> from lora_jax.models.gguf import read_gguf
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "cut.gguf"
-        >>> _ = path.write_bytes(b"GGUF\x03\x00\x00\x00\x05")
+        >>> _ = path.write_bytes(b"GGUF" + bytes([3, 0, 0, 0, 5]))  # a header cut short
         >>> read_gguf(path)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

@@ -99,12 +99,24 @@ class GPT2Config:
 
     @property
     def head_dim(self) -> int:
-        """Width of one attention head, ``n_embd // n_head``."""
+        """Width of one attention head, ``n_embd // n_head``.
+
+        Example:
+            >>> from lora_jax.models import GPT2Config
+            >>> GPT2Config.from_hf({"n_embd": 32, "n_head": 4}).head_dim
+            8
+        """
         return self.n_embd // self.n_head
 
     @property
     def mlp(self) -> MLPConfig:
-        """The ``c_fc`` / ``c_proj`` MLP of every block."""
+        """The ``c_fc`` / ``c_proj`` MLP of every block.
+
+        Example:
+            >>> from lora_jax.models import GPT2Config
+            >>> GPT2Config.from_hf({"n_embd": 32, "n_head": 4}).mlp.names
+            ('c_fc', 'c_proj')
+        """
         return MLPConfig(self.n_inner, self.n_embd, self.activation_function, use_bias=True,
                          names=("c_fc", "c_proj"), initializer_range=self.initializer_range)
 
@@ -116,7 +128,7 @@ class GPT2Attention(ConfigModule):
         >>> import jax, jax.numpy as jnp
         >>> from lora_jax.models.gpt2 import GPT2Attention, GPT2Config
         >>> cfg = GPT2Config.from_hf({"n_embd": 16, "n_layer": 1, "n_head": 2})
-        >>> (out, _), params = GPT2Attention(cfg).init_with_output(
+        >>> (out, _), params = jax.eval_shape(GPT2Attention(cfg).init_with_output,
         ...     jax.random.key(0), jnp.ones((1, 3, 16)), None)
         >>> out.shape, params["params"]["c_attn"]["kernel"].shape
         ((1, 3, 16), (16, 48))
@@ -149,7 +161,7 @@ class GPT2Block(ConfigModule):
         >>> import jax, jax.numpy as jnp
         >>> from lora_jax.models.gpt2 import GPT2Block, GPT2Config
         >>> cfg = GPT2Config.from_hf({"n_embd": 16, "n_layer": 1, "n_head": 2})
-        >>> (x, _), params = GPT2Block(cfg).init_with_output(
+        >>> (x, _), params = jax.eval_shape(GPT2Block(cfg).init_with_output,
         ...     jax.random.key(0), jnp.ones((1, 3, 16)), None, None, None)
         >>> x.shape, sorted(params["params"])
         ((1, 3, 16), ['attn', 'ln_1', 'ln_2', 'mlp'])
@@ -179,7 +191,7 @@ class GPT2Model(ConfigModule):
         >>> import jax, jax.numpy as jnp
         >>> from lora_jax.models.gpt2 import GPT2Config, GPT2Model
         >>> cfg = GPT2Config.from_hf({"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 8})
-        >>> (hidden, _), params = GPT2Model(cfg).init_with_output(
+        >>> (hidden, _), params = jax.eval_shape(GPT2Model(cfg).init_with_output,
         ...     jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
         >>> hidden.shape, sorted(params["params"]["h"])
         ((1, 3, 16), ['0', '1'])

@@ -160,7 +160,7 @@ class SafetensorsCheckpoint:
         >>> SafetensorsCheckpoint([path])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        lora_jax.models.errors.ModelLoadError: .../model.safetensors is not a complete safetensors file ...
+        lora_jax.models.errors.ModelLoadError: .../model.safetensors is not a complete safetensors file: ...
     """
 
     def __init__(self, files: list[Path]) -> None:
@@ -177,15 +177,26 @@ class SafetensorsCheckpoint:
             self._where.update((name, (path, handle)) for name in names)
 
     def keys(self) -> list[str]:
-        """The tensor names of every file."""
+        """The tensor names of every file (see the class example)."""
         return list(self._where)
 
     def describe(self, name: str) -> str:
-        """``name`` and the file holding it, for error messages."""
+        """``name`` and the file holding it, for error messages.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> import numpy as np
+            >>> from safetensors.numpy import save_file
+            >>> from lora_jax.models.hf_files import SafetensorsCheckpoint
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "model-00002-of-00002.safetensors"
+            >>> save_file({"lm_head.weight": np.ones((2, 2), np.float32)}, str(path))
+            >>> SafetensorsCheckpoint([path]).describe("lm_head.weight")
+            "'lm_head.weight' (in model-00002-of-00002.safetensors)"
+        """
         return f"{name!r} (in {self._where[name][0].name})"
 
     def get(self, name: str) -> np.ndarray:
-        """One tensor, as stored (torch layout)."""
+        """One tensor, as stored (torch layout; see the class example)."""
         path, handle = self._where[name]
         try:
             return handle.get_tensor(name)

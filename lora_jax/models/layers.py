@@ -1,4 +1,6 @@
-"""Building blocks shared by the model families: norms, activations, RoPE and attention.
+"""Array-level pieces shared by the model families: norms, activations, RoPE, masks,
+attention, the KV cache and the LM head. The linen blocks built from them
+(self-attention, MLPs, the layer stack) are in :mod:`lora_jax.models.blocks`.
 
 Everything here is plain JAX on arrays (plus one tiny linen module, `RMSNorm`), so
 the jaxpr a model traces to contains only ordinary primitives: `dot_general` for
@@ -32,10 +34,12 @@ class RMSNorm(nn.Module):
     The param is ``scale`` of shape (dim,) (Hugging Face calls it ``weight``).
 
     Example:
-        >>> norm = RMSNorm(eps=1e-6)
-        >>> y, _ = norm.init_with_output(jax.random.key(0), jnp.ones((2, 8)))
-        >>> y.shape
-        (2, 8)
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.layers import RMSNorm
+        >>> y, params = RMSNorm(eps=0.0).init_with_output(jax.random.key(0),
+        ...                                                jnp.full((2, 8), 2.0))
+        >>> y[0, :3], params["params"]["scale"].shape
+        (Array([1., 1., 1.], dtype=float32), (8,))
     """
 
     eps: float = 1e-6
@@ -81,6 +85,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation function a Hugging Face config names.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import activation
         >>> activation("silu")(jnp.zeros(2))
         Array([0., 0.], dtype=float32)
     """
@@ -105,6 +111,7 @@ def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
     by ``factor``) and "llama3" (Llama 3.1's wavelength-dependent smoothing).
 
     Example:
+        >>> from lora_jax.models.layers import rope_inverse_frequencies
         >>> rope_inverse_frequencies(4, {"rope_theta": 10000.0, "rope_type": "default"})
         array([1.  , 0.01], dtype=float32)
     """
@@ -140,6 +147,13 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     """``(cos, sin)`` of the rotary angles, each (batch, seq, 1, head_dim), float32.
 
     Computed once per forward pass and shared by every layer's ``apply_rope``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from lora_jax.models.layers import rope_angles
+        >>> cos, sin = rope_angles(jnp.array([[0, 1]]), np.array([1.0, 0.5], np.float32))
+        >>> cos.shape, sin[0, 1, 0]
+        ((1, 2, 1, 4), Array([0.84147096, 0.47942555, 0.84147096, 0.47942555], dtype=float32))
     """
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
@@ -151,6 +165,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     Uses Hugging Face's "rotate half" layout: the first and second halves of each head
     form the (real, imaginary) pairs.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from lora_jax.models.layers import apply_rope, rope_angles
+        >>> x = jnp.array([[[[1.0, 0.0]]]])  # one head of width 2: the pair (1, 0)
+        >>> cos, sin = rope_angles(jnp.array([[1]]), np.array([np.pi / 2], np.float32))
+        >>> jnp.round(apply_rope(x, cos, sin), 6)  # rotated by 90 degrees
+        Array([[[[-0.,  1.]]]], dtype=float32)
     """
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
@@ -173,6 +195,15 @@ def make_attention_mask(
 
     Slots are positions in the (cached) sequence buffer, not RoPE positions: with left
     padding they differ, and causality is about buffer order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import make_attention_mask
+        >>> slots = jnp.arange(3)
+        >>> make_attention_mask(slots, slots, jnp.array([[0, 1, 1]]))[0, 0].astype(int)
+        Array([[0, 0, 0],
+               [0, 1, 0],
+               [0, 1, 1]], dtype=int32)
 
     Args:
         query_slots: (q,) buffer index of each query.
@@ -203,6 +234,14 @@ def dot_product_attention(
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; scores and softmax in float32.
 
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import dot_product_attention
+        >>> query = jnp.ones((1, 2, 4, 8))           # 4 query heads
+        >>> key = value = jnp.ones((1, 2, 2, 8))     # served by 2 KV heads
+        >>> dot_product_attention(query, key, value, None, scale=8**-0.5).shape
+        (1, 2, 32)
+
     Args:
         query: (batch, q, heads, head_dim).
         key, value: (batch, k, kv_heads, head_dim); ``heads`` must be a multiple of
@@ -231,6 +270,15 @@ def update_kv_cache(
 
     Returns the full cached keys and values (batch, max_length, kv_heads, head_dim) and
     the updated layer cache.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import update_kv_cache
+        >>> cache = {"k": jnp.zeros((1, 4, 1, 2)), "v": jnp.zeros((1, 4, 1, 2))}
+        >>> k, v, cache = update_kv_cache(cache, jnp.ones((1, 2, 1, 2)),
+        ...                               jnp.ones((1, 2, 1, 2)), jnp.int32(1))
+        >>> k[0, :, 0, 0]
+        Array([0., 1., 1., 0.], dtype=float32)
     """
     start = (0, index, 0, 0)
     k = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
@@ -292,6 +340,13 @@ def empty_kv_cache(
     ``layers`` is a tuple of ``{"k", "v"}`` per layer (unrolled models) or one
     ``{"k", "v"}`` with a leading layer axis (scanned models). ``index`` is the next
     free slot, shared by the whole batch (rows are left-aligned by padding).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import empty_kv_cache
+        >>> cache = empty_kv_cache(3, 2, 16, 4, 8, jnp.bfloat16, stacked=True)
+        >>> cache["layers"]["k"].shape, cache["layers"]["k"].dtype
+        ((3, 2, 16, 4, 8), dtype(bfloat16))
     """
     shape = (batch_size, max_length, kv_heads, head_dim)
     if stacked:
@@ -313,6 +368,16 @@ def slots_and_positions(
 
     Without a cache the keys are this call's tokens; with one they are every slot of the
     fixed-size buffer, and this call's tokens occupy ``index .. index + s - 1``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import empty_kv_cache, slots_and_positions
+        >>> cache = dict(empty_kv_cache(1, 1, 6, 1, 2, jnp.float32, stacked=False),
+        ...              index=jnp.int32(2))
+        >>> query_slots, key_slots, positions = slots_and_positions(
+        ...     jnp.zeros((1, 3), jnp.int32), None, cache)
+        >>> query_slots, key_slots.shape, positions
+        (Array([2, 3, 4], dtype=int32), (6,), Array([[2, 3, 4]], dtype=int32))
     """
     batch, seq = input_ids.shape
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -359,7 +424,14 @@ def next_cache(cache: dict[str, Any] | None, layers: Any, num_tokens: int) -> di
 
 
 def dense_init(stddev: float) -> Callable[..., jax.Array]:
-    """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only)."""
+    """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only).
+
+    Example:
+        >>> import jax
+        >>> from lora_jax.models.layers import dense_init
+        >>> dense_init(0.02)(jax.random.key(0), (64, 64)).std() < 0.03
+        Array(True, dtype=bool)
+    """
     return nn.initializers.normal(stddev)
 
 
@@ -383,7 +455,8 @@ def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype:
         ...         embedding = nn.Embed(10, 4, name="embed")
         ...         return output_logits(embedding(x), embedding, config,
         ...                              dtype=jnp.float32, param_dtype=jnp.float32)
-        >>> logits, params = Head().init_with_output(jax.random.key(0), jnp.zeros((1, 3), int))
+        >>> logits, params = jax.eval_shape(Head().init_with_output, jax.random.key(0),
+        ...                                 jnp.zeros((1, 3), int))
         >>> logits.shape, params["params"]["lm_head"]["kernel"].shape
         ((1, 3, 10), (4, 10))
     """

@@ -67,6 +67,7 @@ class LlamaConfig:
     Hashable, so modules holding it can be static arguments of ``jax.jit``.
 
     Example:
+        >>> from lora_jax.models import LlamaConfig
         >>> cfg = LlamaConfig.from_hf({"model_type": "llama", "hidden_size": 64,
         ...     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         ...     "vocab_size": 100})
@@ -152,7 +153,15 @@ class LlamaConfig:
 
     @property
     def attention(self) -> AttentionConfig:
-        """The self-attention block of every layer."""
+        """The self-attention block of every layer.
+
+        Example:
+            >>> from lora_jax.models import LlamaConfig
+            >>> LlamaConfig.from_hf({"hidden_size": 64, "intermediate_size": 128,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+            ...     "vocab_size": 100}).attention.num_kv_heads
+            2
+        """
         return AttentionConfig(
             num_heads=self.num_attention_heads,
             num_kv_heads=self.num_key_value_heads,
@@ -165,7 +174,15 @@ class LlamaConfig:
 
     @property
     def mlp(self) -> MLPConfig:
-        """The gated MLP of every layer."""
+        """The gated MLP of every layer.
+
+        Example:
+            >>> from lora_jax.models import LlamaConfig
+            >>> LlamaConfig.from_hf({"hidden_size": 64, "intermediate_size": 128,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 8, "vocab_size": 100,
+            ...     "mlp_bias": True}).mlp.use_bias
+            True
+        """
         return MLPConfig(self.intermediate_size, self.hidden_size, self.hidden_act,
                          use_bias=self.mlp_bias, initializer_range=self.initializer_range)
 
@@ -232,7 +249,7 @@ class LlamaDecoderLayer(ConfigModule):
         >>> from lora_jax.models.llama import LlamaConfig, LlamaDecoderLayer
         >>> cfg = LlamaConfig.from_hf({"hidden_size": 16, "intermediate_size": 32,
         ...     "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10})
-        >>> (x, _), params = LlamaDecoderLayer(cfg).init_with_output(
+        >>> (x, _), params = jax.eval_shape(LlamaDecoderLayer(cfg).init_with_output,
         ...     jax.random.key(0), jnp.ones((1, 3, 16)), None, None, None, None)
         >>> x.shape, sorted(params["params"])
         ((1, 3, 16), ['input_layernorm', 'mlp', 'post_attention_layernorm', 'self_attn'])
@@ -262,7 +279,8 @@ class LlamaModel(nn.Module):
         >>> from lora_jax.models.llama import LlamaConfig, LlamaModel
         >>> cfg = LlamaConfig.from_hf({"hidden_size": 16, "intermediate_size": 32,
         ...     "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10})
-        >>> (hidden, _), params = LlamaModel(cfg, scan_layers=True).init_with_output(
+        >>> model = LlamaModel(cfg, scan_layers=True)
+        >>> (hidden, _), params = jax.eval_shape(model.init_with_output,
         ...     jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
         >>> hidden.shape, params["params"]["layers"]["mlp"]["up_proj"]["kernel"].shape
         ((1, 3, 16), (2, 16, 32))

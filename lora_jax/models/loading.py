@@ -59,8 +59,11 @@ class Model:
         source: the directory or ``.gguf`` file it was loaded from, for ``tokenizer()``.
 
     Example:
-        >>> model = from_pretrained("path/to/SmolLM2")  # doctest: +SKIP
-        >>> logits = model(jnp.array([[1, 2, 3]]))  # doctest: +SKIP
+        >>> from lora_jax import models
+        >>> model = models.from_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+        ...     "n_head": 2, "vocab_size": 20, "n_positions": 8})
+        >>> type(model.module).__name__, model([[1, 2, 3]]).shape
+        ('GPT2LMHeadModel', (1, 3, 20))
     """
 
     module: nn.Module
@@ -77,7 +80,17 @@ class Model:
         return _jitted_apply(self.module)({"params": self.params}, *args, **kwargs)
 
     def tokenizer(self) -> Any:
-        """The transformers tokenizer stored with the checkpoint (see ``load_tokenizer``)."""
+        """The transformers tokenizer stored with the checkpoint (see ``load_tokenizer``).
+
+        Example:
+            >>> from lora_jax import models
+            >>> model = models.from_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+            ...     "n_head": 2, "vocab_size": 20, "n_positions": 8})
+            >>> model.tokenizer()
+            Traceback (most recent call last):
+            ...
+            ValueError: this model was not loaded from disk, so it has no tokenizer
+        """
         if self.source is None:
             raise ValueError("this model was not loaded from disk, so it has no tokenizer")
         return load_tokenizer(self.source)
@@ -98,6 +111,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     path to a checkpoint directory / config.json.
 
     Example:
+        >>> from lora_jax.models import config_to_dict
         >>> config_to_dict({"model_type": "gpt2", "n_embd": 32})["n_embd"]
         32
     """
@@ -152,6 +166,7 @@ def build_module(
         architecture: e.g. "BertForSequenceClassification"; default from the config.
 
     Example:
+        >>> from lora_jax.models import build_module
         >>> module = build_module({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50})
         >>> type(module).__name__
@@ -180,6 +195,7 @@ def from_config(
     ``initializer_range``), norm scales one, biases zero; same ``seed``, same params.
 
     Example:
+        >>> from lora_jax.models import from_config
         >>> model = from_config({"model_type": "llama", "hidden_size": 32,
         ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         ...     "vocab_size": 50})
@@ -326,9 +342,20 @@ def from_pretrained(
         ``Model(module, params, config, source)``.
 
     Example:
-        >>> model = from_pretrained("/models/SmolLM2-135M-Instruct")  # doctest: +SKIP
-        >>> model(jnp.array([[1, 2, 3]])).shape  # doctest: +SKIP
-        (1, 3, 49152)
+        >>> import tempfile
+        >>> from lora_jax import models
+        >>> tiny = models.from_config({"model_type": "llama", "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        ...     "vocab_size": 30})
+        >>> path = models.save_pretrained(tempfile.mkdtemp(), tiny.config, tiny.params)
+        >>> model = models.from_pretrained(path, scan_layers=True)
+        >>> model.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape
+        (2, 16, 16)
+        >>> model([[1, 2, 3]]).shape
+        (1, 3, 30)
+
+    With a real checkpoint: ``models.from_pretrained("/models/SmolLM2-135M-Instruct")``
+    or ``models.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")``.
     """
     path = Path(path)
     if not path.exists():
@@ -375,7 +402,18 @@ def load_tokenizer(source: str | Path) -> Any:
     ``tokenizer_config.json`` has an ``auto_map`` is refused: its tokenizer is code.
 
     Example:
-        >>> tokenizer = load_tokenizer("/models/SmolLM2.Q4_1.gguf")  # doctest: +SKIP
+        >>> import json, pathlib, tempfile
+        >>> from tokenizers import Tokenizer, models as bpe
+        >>> from lora_jax.models import load_tokenizer
+        >>> directory = pathlib.Path(tempfile.mkdtemp())
+        >>> Tokenizer(bpe.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")])).save(
+        ...     str(directory / "tokenizer.json"))
+        >>> _ = (directory / "tokenizer_config.json").write_text(
+        ...     json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+        >>> load_tokenizer(directory)("ab")["input_ids"]
+        [2]
+
+    A GGUF file carries its tokenizer: ``load_tokenizer("SmolLM2.Q4_1.gguf")``.
     """
     from transformers import AutoTokenizer
 
@@ -405,6 +443,7 @@ def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
     Scanned layers are unstacked; tied LM heads are left out (transformers re-ties them).
 
     Example:
+        >>> from lora_jax.models import from_config, to_hf_state_dict
         >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
         >>> state = to_hf_state_dict(model.config, model.params)
@@ -433,9 +472,11 @@ def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     ``architectures`` and ``dtype`` matching ``params``.
 
     Example:
+        >>> import tempfile
+        >>> from lora_jax.models import from_config, save_pretrained
         >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
-        >>> import tempfile; out = save_pretrained(tempfile.mkdtemp(), model.config, model.params)
+        >>> out = save_pretrained(tempfile.mkdtemp(), model.config, model.params)
         >>> sorted(p.name for p in out.iterdir())
         ['config.json', 'model.safetensors']
     """
