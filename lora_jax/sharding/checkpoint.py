@@ -16,9 +16,16 @@ from lora_jax.sharding.layout import _key_names
 def save_sharded(directory: str | os.PathLike[str], tree: Any) -> None:
     """Save a pytree of (sharded) arrays with orbax; each process writes its own shards.
 
-    Example::
-
-        save_sharded("/ckpt/step_100", {"adapter": adapter, "opt_state": opt_state})
+    Example:
+        >>> import tempfile, jax, numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> path = tempfile.mkdtemp() + "/step_100"
+        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
+        >>> sharding.save_sharded(path, tree)
+        >>> sharding.checkpoint_shapes(path)["adapter"]["q_proj"]["lora_A"].shape
+        (8, 2)
 
     Every process must call it with the same directory. An existing
     checkpoint there is replaced. Returns when the write is complete.
@@ -34,10 +41,20 @@ def save_sharded(directory: str | os.PathLike[str], tree: Any) -> None:
 def checkpoint_shapes(directory: str | os.PathLike[str]) -> Any:
     """The saved tree as ``jax.ShapeDtypeStruct``s (named tuples come back as dicts).
 
-    Example::
-
-        shapes = checkpoint_shapes("/ckpt/params")
-        params = restore_sharded("/ckpt/params", param_shardings(shapes, mesh, "fsdp"))
+    Example:
+        >>> import tempfile, jax, numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> path = tempfile.mkdtemp() + "/step_100"
+        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
+        >>> sharding.save_sharded(path, tree)
+        >>> shapes = sharding.checkpoint_shapes(path)
+        >>> shapes
+        {'adapter': {'q_proj': {'lora_A': ShapeDtypeStruct(shape=(8, 2), dtype=float32)}}}
+        >>> restored = sharding.restore_sharded(path, sharding.param_shardings(shapes, mesh, "fsdp"))
+        >>> restored["adapter"]["q_proj"]["lora_A"].sharding.spec
+        P('data', None)
     """
     import orbax.checkpoint as ocp
 
@@ -49,10 +66,20 @@ def checkpoint_shapes(directory: str | os.PathLike[str]) -> Any:
 def restore_sharded(directory: str | os.PathLike[str], target: Any) -> Any:
     """Read a :func:`save_sharded` checkpoint onto any mesh (each process reads its shards).
 
-    Example::
-
-        params = restore_sharded(path, param_shardings(params_shapes, new_mesh, "fsdp"))
-        adapter = restore_sharded(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    Example:
+        >>> import tempfile, jax, numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> path = tempfile.mkdtemp() + "/step_100"
+        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
+        >>> sharding.save_sharded(path, tree)
+        >>> restored = sharding.restore_sharded(path, NamedSharding(mesh, PartitionSpec()))
+        >>> bool((restored["adapter"]["q_proj"]["lora_A"] == 1.0).all())
+        True
+        >>> one = sharding.restore_sharded(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        >>> one["adapter"]["q_proj"]["lora_A"].shape
+        (8, 2)
 
     ``target`` is a pytree like the saved one with a ``Sharding`` at each
     leaf (shapes and dtypes come from the checkpoint), or with

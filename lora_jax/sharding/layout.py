@@ -53,10 +53,19 @@ def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None =
               data_axis: str = "data", model_axis: str = "model") -> Mesh:
     """A ``(data, model)`` device mesh with ``Auto`` axis types.
 
-    Example::
+    Example:
+        >>> import jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])  # all given devices on data
+        >>> dict(mesh.shape), mesh.axis_types
+        ({'data': 1, 'model': 1}, (Auto, Auto))
+        >>> sharding.make_mesh(data=2, model=4, devices=jax.devices()[:1])
+        Traceback (most recent call last):
+        ...
+        ValueError: A 2 x 4 mesh needs 8 devices; 1 given.
 
-        mesh = make_mesh(data=2, model=4)   # 8 devices: 2-way data, 4-way model
-        mesh = make_mesh()                  # every device on the data axis, model = 1
+    On 8 devices ``make_mesh(data=2, model=4)`` is 2-way data by 4-way model, and
+    ``make_mesh()`` puts every device on the data axis.
 
     ``-1`` for ``data`` takes every device that ``model`` leaves. ``Auto`` axes
     let XLA choose the layout of intermediates; ``jax.make_mesh``'s default
@@ -97,11 +106,18 @@ def param_specs(params: Any, mesh: Any, strategy: Strategy = "fsdp",
                 data_axis: AxisName = "data", model_axis: str = "model") -> Any:
     """A ``PartitionSpec`` for every leaf of ``params`` (a pytree like ``params``).
 
-    Example::
-
-        specs = param_specs(params, make_mesh(data=2, model=4), "fsdp_tp")
-        specs["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-        # PartitionSpec('data', 'model'): input axis over data, output over model
+    Example:
+        >>> import jax, numpy as np, lora_jax
+        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> from lora_jax import sharding
+        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
+        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
+        >>> specs = sharding.param_specs(params, mesh, "fsdp_tp")
+        >>> specs["layers"]["0"]["q_proj"]["kernel"]  # input over data, output over model
+        P('data', 'model')
+        >>> specs["layers"]["0"]["o_proj"]["kernel"]  # row-parallel: input over model
+        P('model', 'data')
 
     Args:
         params: the frozen params, arrays or ``jax.ShapeDtypeStruct`` (shapes only).
@@ -152,10 +168,16 @@ def param_shardings(params: Any, mesh: Mesh, strategy: Strategy = "fsdp",
                     data_axis: AxisName = "data", model_axis: str = "model") -> Any:
     """:func:`param_specs` as ``NamedSharding``s on ``mesh``.
 
-    Example::
-
-        shardings = param_shardings(params, make_mesh(), "fsdp", config=config)
-        params = shard(params, shardings)
+    Example:
+        >>> import jax, numpy as np
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"q_proj": {"kernel": np.zeros((64, 32), np.float32)}}
+        >>> shardings = sharding.param_shardings(params, mesh, "fsdp")
+        >>> shardings["q_proj"]["kernel"].spec
+        P('data', None)
+        >>> sharding.shard(params, shardings)["q_proj"]["kernel"].sharding.spec
+        P('data', None)
     """
     _check_auto_axes(mesh)
     specs = param_specs(params, mesh, strategy, rules, config=config, data_axis=data_axis,
@@ -271,11 +293,17 @@ def _fit_rule(pattern: str, spec: Any, full_name: str, shape: tuple[int, ...],
 def adapter_shardings(config: LoraConfig, params: Any, params_shardings: Any = None) -> Any:
     """The adapter's layout derived from the kernels' (a pytree like the adapter).
 
-    Example::
-
-        shardings = param_shardings(params, mesh, "tp")
-        adapter_shardings(config, params, shardings)["model.layers.0.self_attn.q_proj"]
-        # {"lora_A": NamedSharding(P(None, None)), "lora_B": NamedSharding(P(None, "model"))}
+    Example:
+        >>> import jax, numpy as np, lora_jax
+        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> from lora_jax import sharding
+        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
+        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> specs = sharding.param_specs(params, mesh, "tp", config=config)
+        >>> sharding.adapter_shardings(config, params, specs)
+        {'layers.0.q_proj': {'lora_A': P(None, None), 'lora_B': P(None, 'model')}}
 
     For a kernel of layout ``lead + in + out``, A ``lead + in + (r,)`` gets
     ``P(*lead, *in, None)`` and B ``lead + (r,) + out`` gets
@@ -344,10 +372,24 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, trainable: Any,
                         trainable_shardings: Any) -> Any:
     """The layout of ``optimizer.init(trainable)``: each moment like its parameter.
 
-    Example::
+    Example:
+        >>> import jax, numpy as np, lora_jax
+        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> from lora_jax import sharding
+        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
+        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
+        >>> import optax
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> adapter = jax.eval_shape(lambda: lora_jax.init(config, params, jax.random.key(0)))
+        >>> specs = sharding.adapter_shardings(
+        ...     config, params, sharding.param_specs(params, mesh, "tp", config=config))
+        >>> adam, _ = sharding.optimizer_shardings(optax.adam(1e-3), adapter, specs)
+        >>> adam.count, adam.mu["layers.0.q_proj"]["lora_B"]
+        (P(), P(None, 'model'))
 
-        opt_shardings = optimizer_shardings(optax.adamw(1e-3), adapter, adapter_shardings(...))
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(adapter)
+    With a real mesh, ``jax.jit(optimizer.init, out_shardings=...)(adapter)`` then
+    creates the state in place.
 
     A state leaf whose key path ends with a parameter's key path and has that
     parameter's shape (Adam's ``mu`` and ``nu``, momentum, ...) gets the
@@ -389,9 +431,12 @@ def _replicated_like(shardings: Sequence[Any]) -> Any:
 def batch_sharding(mesh: Mesh, data_axis: AxisName = "data") -> NamedSharding:
     """Split the leading (batch) axis over ``data_axis``; replicated if the mesh lacks it.
 
-    Example::
-
-        batch = shard_batch({"input_ids": ids}, batch_sharding(mesh))
+    Example:
+        >>> import jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> sharding.batch_sharding(mesh).spec, sharding.batch_sharding(mesh, "fsdp").spec
+        (P('data',), P())
     """
     sizes = _axis_sizes(mesh)
     if all(name in sizes for name in _names(data_axis)):
@@ -402,7 +447,13 @@ def batch_sharding(mesh: Mesh, data_axis: AxisName = "data") -> NamedSharding:
 # -- the training state on a mesh -------------------------------------------------------------
 
 class TrainShardings(NamedTuple):
-    """Where each part of a LoRA training state lives (pytrees of ``NamedSharding``)."""
+    """Where each part of a LoRA training state lives (pytrees of ``NamedSharding``).
+
+    Example:
+        >>> from lora_jax import sharding
+        >>> sharding.TrainShardings._fields
+        ('params', 'adapter', 'opt_state', 'batch')
+    """
 
     params: Any
     adapter: Any
@@ -416,9 +467,15 @@ def train_shardings(config: LoraConfig, params: Any, optimizer: optax.GradientTr
                     model_axis: str = "model") -> TrainShardings:
     """Layouts of the frozen params, the adapter, its optimizer state and the batch.
 
-    Example::
-
-        shardings = train_shardings(config, params, optax.adamw(1e-3), make_mesh(), "fsdp")
+    Example:
+        >>> import jax, numpy as np, optax, lora_jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 32), np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> shardings = sharding.train_shardings(config, params, optax.adamw(1e-3), mesh, "fsdp")
+        >>> shardings.adapter["q_proj"]["lora_A"].spec, shardings.batch.spec
+        (P('data', None), P('data',))
 
     ``params`` (and ``adapter``, if given; else the adapter :func:`lora_jax.init`
     would make) may be ``jax.ShapeDtypeStruct``s. See :func:`param_specs` for

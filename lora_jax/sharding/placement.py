@@ -18,9 +18,14 @@ from lora_jax.tree import Adapter
 def shard(tree: Any, shardings: Any) -> Any:
     """Place ``tree`` by ``shardings`` (a pytree like it, or one ``Sharding`` for all).
 
-    Example::
-
-        params = shard(params, param_shardings(params, mesh, "fsdp"))
+    Example:
+        >>> import jax, numpy as np
+        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> placed = sharding.shard({"w": np.arange(4.0)}, NamedSharding(mesh, PartitionSpec("data")))
+        >>> placed["w"].sharding.spec, placed["w"]
+        (P('data',), Array([0., 1., 2., 3.], dtype=float32))
 
     Host values (numpy, or arrays on one local device) are cut into the
     shards this process owns, so on several hosts each process passes the
@@ -41,9 +46,14 @@ def shard(tree: Any, shardings: Any) -> Any:
 def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
     """Global arrays from this process's rows of the batch (every leaf split on axis 0).
 
-    Example::
-
-        batch = shard_batch({"input_ids": local_ids}, shardings.batch)
+    Example:
+        >>> import jax, numpy as np
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> batch = sharding.shard_batch({"input_ids": np.zeros((4, 16), np.int32)},
+        ...                              sharding.batch_sharding(mesh))
+        >>> batch["input_ids"].shape, batch["input_ids"].sharding.spec
+        ((4, 16), P('data',))
 
     With one process ``batch`` is the whole batch; with several, each passes
     its own consecutive rows (process ``i`` holds rows ``i*n .. (i+1)*n - 1``
@@ -69,10 +79,18 @@ def shard_train_state(config: LoraConfig, params: Any, optimizer: optax.Gradient
                       adapter: Adapter | None = None) -> tuple[Any, Adapter, Any]:
     """``(params, adapter, opt_state)`` placed on the mesh by ``shardings``.
 
-    Example::
-
-        params, adapter, opt_state = shard_train_state(config, params, optimizer, shardings,
-                                                       key=jax.random.key(0))
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, lora_jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"dense": {"kernel": np.full((8, 2), 0.1, np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["dense"])
+        >>> optimizer = optax.sgd(0.01)
+        >>> shardings = sharding.train_shardings(config, params, optimizer, mesh, "fsdp")
+        >>> params, adapter, opt_state = sharding.shard_train_state(
+        ...     config, params, optimizer, shardings, key=jax.random.key(0))
+        >>> params["dense"]["kernel"].sharding.spec, adapter["dense"]["lora_B"].shape
+        (P('data', None), (2, 2))
 
     Give ``key`` to make a fresh adapter (``lora_jax.init``), created directly
     in its shards, or ``adapter`` to place an existing one. The optimizer

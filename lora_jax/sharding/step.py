@@ -20,16 +20,26 @@ def make_sharded_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTran
                       donate: bool = True) -> Callable[..., Any]:
     """A jitted train step over the adapter with the layouts of ``shardings``.
 
-    Example::
-
-        apply = lora_jax.lora(model.apply, config)
-
-        def loss_fn(params, adapter, batch):
-            logits = apply(params, adapter, batch["input_ids"])
-            return cross_entropy(logits, batch["labels"])
-
-        step = make_sharded_step(loss_fn, optimizer, shardings)
-        adapter, opt_state, loss = step(params, adapter, opt_state, batch)
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, lora_jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"dense": {"kernel": np.full((8, 2), 0.1, np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["dense"])
+        >>> optimizer = optax.sgd(0.01)
+        >>> shardings = sharding.train_shardings(config, params, optimizer, mesh, "fsdp")
+        >>> params, adapter, opt_state = sharding.shard_train_state(
+        ...     config, params, optimizer, shardings, key=jax.random.key(0))
+        >>> apply = lora_jax.lora(lambda p, x: x @ p["dense"]["kernel"], config)
+        >>> def loss_fn(params, adapter, batch):
+        ...     return jnp.mean((apply(params, adapter, batch["x"]) - batch["y"]) ** 2)
+        >>> step = sharding.make_sharded_step(loss_fn, optimizer, shardings)
+        >>> batch = sharding.shard_batch({"x": np.ones((4, 8), np.float32),
+        ...                               "y": np.zeros((4, 2), np.float32)}, shardings.batch)
+        >>> adapter, opt_state, first = step(params, adapter, opt_state, batch)
+        >>> adapter, opt_state, second = step(params, adapter, opt_state, batch)
+        >>> bool(second < first)
+        True
 
     The step is ``step(params, adapter, opt_state, batch, rng=None)`` and
     returns ``(adapter, opt_state, loss)``, plus ``aux`` with ``has_aux``.
@@ -78,10 +88,23 @@ def sharded_merge(params: Any, adapter: Adapter, config: LoraConfig, shardings: 
                   donate: bool = True) -> Any:
     """:func:`lora_jax.merge` on the mesh: each merged kernel keeps W's sharding.
 
-    Example::
-
-        merged = sharded_merge(params, adapter, config)   # params are donated
-        logits = jax.jit(model.apply)(merged, tokens)
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, optax, lora_jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"dense": {"kernel": np.full((8, 2), 0.1, np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["dense"])
+        >>> optimizer = optax.sgd(0.01)
+        >>> shardings = sharding.train_shardings(config, params, optimizer, mesh, "fsdp")
+        >>> params, adapter, opt_state = sharding.shard_train_state(
+        ...     config, params, optimizer, shardings, key=jax.random.key(0))
+        >>> adapter = jax.tree.map(lambda x: x + 0.1, adapter)  # as if trained
+        >>> expected = lora_jax.merge(params, adapter, config)["dense"]["kernel"]
+        >>> merged = sharding.sharded_merge(params, adapter, config)  # params are donated
+        >>> merged["dense"]["kernel"].sharding.spec
+        P('data', None)
+        >>> bool(np.allclose(merged["dense"]["kernel"], expected))
+        True
 
     ``shardings`` (a pytree like ``params``) defaults to the params' own.
     With ``donate`` (the default) the old params' buffers are reused, so
