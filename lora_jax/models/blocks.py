@@ -34,15 +34,21 @@ class ConfigModule(nn.Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
-        >>> from lora_jax.models.blocks import AttentionConfig, ConfigModule
-        >>> class Proj(ConfigModule):
+        >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+        >>> class TinyLM(ConfigModule):
         ...     @nn.compact
-        ...     def __call__(self, x):
-        ...         return self.dense(3, "proj")(x)
-        >>> module = Proj(AttentionConfig(1, 1, 2, 2))
-        >>> params = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((1, 2)))
-        >>> params["params"]["proj"]["kernel"].shape
-        (2, 3)
+        ...     def __call__(self, ids):
+        ...         x = self.embed(10, 4, "wte")(ids)                      # (vocab, dim) table
+        ...         x = self.layer_norm(1e-5, "ln")(x) + self.rms_norm(1e-6, "norm")(x)
+        ...         return self.dense(10, "lm_head", use_bias=False)(x)    # (dim, vocab) kernel
+        >>> model = TinyLM(MLPConfig(8, 4, "relu"), param_dtype=jnp.bfloat16)
+        >>> logits, params = jax.eval_shape(model.init_with_output, jax.random.key(0),
+        ...                                 jnp.zeros((1, 3), jnp.int32))
+        >>> logits.shape, jax.tree.map(jnp.shape, params["params"])  # doctest: +NORMALIZE_WHITESPACE
+        ((1, 3, 10), {'lm_head': {'kernel': (4, 10)}, 'ln': {'bias': (4,), 'scale': (4,)},
+                      'norm': {'scale': (4,)}, 'wte': {'embedding': (10, 4)}})
+        >>> params["params"]["wte"]["embedding"].dtype, model.kw["param_dtype"]
+        (dtype(bfloat16), <class 'jax.numpy.bfloat16'>)
     """
 
     config: Any
@@ -51,83 +57,28 @@ class ConfigModule(nn.Module):
 
     @property
     def kw(self) -> dict[str, Dtype]:
-        """``dtype`` and ``param_dtype``, to pass on to a child ``ConfigModule``.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> from lora_jax.models.blocks import MLP, MLPConfig
-            >>> MLP(MLPConfig(8, 4, "relu"), dtype=jnp.bfloat16).kw["dtype"]
-            <class 'jax.numpy.bfloat16'>
-        """
+        """``dtype`` and ``param_dtype``, to pass on to a child ``ConfigModule`` (see the
+        class example)."""
         return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
-        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``).
-
-        Example:
-            >>> import jax, jax.numpy as jnp, flax.linen as nn
-            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
-            >>> class Head(ConfigModule):
-            ...     @nn.compact
-            ...     def __call__(self, x):
-            ...         return self.dense(2, "score", use_bias=False)(x)
-            >>> head = Head(MLPConfig(8, 4, "relu"))
-            >>> params = jax.eval_shape(head.init, jax.random.key(0), jnp.ones((1, 4)))
-            >>> jax.tree.map(jnp.shape, params)
-            {'params': {'score': {'kernel': (4, 2)}}}
-        """
+        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``) (see the
+        class example)."""
         return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 
     def layer_norm(self, eps: float, name: str | None) -> nn.LayerNorm:
-        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias``.
-
-        Example:
-            >>> import jax, jax.numpy as jnp, flax.linen as nn
-            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
-            >>> class Norm(ConfigModule):
-            ...     @nn.compact
-            ...     def __call__(self, x):
-            ...         return self.layer_norm(1e-5, "ln")(x)
-            >>> y, _ = Norm(MLPConfig(8, 4, "relu")).init_with_output(
-            ...     jax.random.key(0), jnp.array([[1.0, 3.0]]))
-            >>> jnp.round(y, 3)
-            Array([[-1.,  1.]], dtype=float32)
-        """
+        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias`` (see the
+        class example)."""
         return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name, **self.kw)
 
     def rms_norm(self, eps: float, name: str | None) -> RMSNorm:
-        """Llama's RMSNorm (statistics in float32).
-
-        Example:
-            >>> import jax, jax.numpy as jnp, flax.linen as nn
-            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
-            >>> class Norm(ConfigModule):
-            ...     @nn.compact
-            ...     def __call__(self, x):
-            ...         return self.rms_norm(0.0, "norm")(x)
-            >>> y, _ = Norm(MLPConfig(8, 4, "relu")).init_with_output(
-            ...     jax.random.key(0), jnp.array([[2.0, -2.0]]))
-            >>> y
-            Array([[ 1., -1.]], dtype=float32)
-        """
+        """Llama's RMSNorm, statistics in float32 (see the class example)."""
         return RMSNorm(eps, name=name, **self.kw)
 
     def embed(self, num_embeddings: int, features: int, name: str | None) -> nn.Embed:
-        """An embedding table, init normal(0, ``config.initializer_range``).
-
-        Example:
-            >>> import jax, jax.numpy as jnp, flax.linen as nn
-            >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
-            >>> class Tokens(ConfigModule):
-            ...     @nn.compact
-            ...     def __call__(self, ids):
-            ...         return self.embed(10, 4, "wte")(ids)
-            >>> x, params = jax.eval_shape(Tokens(MLPConfig(8, 4, "relu")).init_with_output,
-            ...     jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
-            >>> x.shape, params["params"]["wte"]["embedding"].shape
-            ((1, 3, 4), (10, 4))
-        """
+        """An embedding table, init normal(0, ``config.initializer_range``) (see the class
+        example)."""
         return nn.Embed(num_embeddings, features, embedding_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 

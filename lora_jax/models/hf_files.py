@@ -154,8 +154,8 @@ class SafetensorsCheckpoint:
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.safetensors"
         >>> save_file({"w": np.ones(2, np.float32)}, str(path))
         >>> checkpoint = SafetensorsCheckpoint([path])
-        >>> checkpoint.keys(), checkpoint.get("w")
-        (['w'], array([1., 1.], dtype=float32))
+        >>> checkpoint.keys(), checkpoint.get("w"), checkpoint.describe("w")
+        (['w'], array([1., 1.], dtype=float32), "'w' (in model.safetensors)")
         >>> _ = path.write_bytes(path.read_bytes()[:20])
         >>> SafetensorsCheckpoint([path])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -181,18 +181,7 @@ class SafetensorsCheckpoint:
         return list(self._where)
 
     def describe(self, name: str) -> str:
-        """``name`` and the file holding it, for error messages.
-
-        Example:
-            >>> import pathlib, tempfile
-            >>> import numpy as np
-            >>> from safetensors.numpy import save_file
-            >>> from lora_jax.models.hf_files import SafetensorsCheckpoint
-            >>> path = pathlib.Path(tempfile.mkdtemp()) / "model-00002-of-00002.safetensors"
-            >>> save_file({"lm_head.weight": np.ones((2, 2), np.float32)}, str(path))
-            >>> SafetensorsCheckpoint([path]).describe("lm_head.weight")
-            "'lm_head.weight' (in model-00002-of-00002.safetensors)"
-        """
+        """``name`` and the file holding it, for error messages (see the class example)."""
         return f"{name!r} (in {self._where[name][0].name})"
 
     def get(self, name: str) -> np.ndarray:

@@ -17,15 +17,13 @@ def save_sharded(directory: str | os.PathLike[str], tree: Any) -> None:
     """Save a pytree of (sharded) arrays with orbax; each process writes its own shards.
 
     Example:
-        >>> import tempfile, jax, numpy as np
-        >>> from jax.sharding import NamedSharding, PartitionSpec
+        >>> import os, tempfile, numpy as np
         >>> from lora_jax import sharding
-        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        >>> path = tempfile.mkdtemp() + "/step_100"
-        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
-        >>> sharding.save_sharded(path, tree)
-        >>> sharding.checkpoint_shapes(path)["adapter"]["q_proj"]["lora_A"].shape
-        (8, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "step_100")
+        >>> adapter = {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}
+        >>> sharding.save_sharded(path, {"adapter": adapter, "step": np.int32(100)})
+        >>> sharding.checkpoint_shapes(path)["step"]
+        ShapeDtypeStruct(shape=(), dtype=int32)
 
     Every process must call it with the same directory. An existing
     checkpoint there is replaced. Returns when the write is complete.
@@ -43,18 +41,16 @@ def checkpoint_shapes(directory: str | os.PathLike[str]) -> Any:
 
     Example:
         >>> import tempfile, jax, numpy as np
-        >>> from jax.sharding import NamedSharding, PartitionSpec
         >>> from lora_jax import sharding
-        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        >>> path = tempfile.mkdtemp() + "/step_100"
-        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
-        >>> sharding.save_sharded(path, tree)
+        >>> path = tempfile.mkdtemp() + "/params"
+        >>> sharding.save_sharded(path, {"w": np.zeros((4, 8), np.float32)})
         >>> shapes = sharding.checkpoint_shapes(path)
         >>> shapes
-        {'adapter': {'q_proj': {'lora_A': ShapeDtypeStruct(shape=(8, 2), dtype=float32)}}}
+        {'w': ShapeDtypeStruct(shape=(4, 8), dtype=float32)}
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
         >>> restored = sharding.restore_sharded(path, sharding.param_shardings(shapes, mesh, "fsdp"))
-        >>> restored["adapter"]["q_proj"]["lora_A"].sharding.spec
-        P('data', None)
+        >>> restored["w"].sharding.spec
+        P(None, 'data')
     """
     import orbax.checkpoint as ocp
 
@@ -67,19 +63,19 @@ def restore_sharded(directory: str | os.PathLike[str], target: Any) -> Any:
     """Read a :func:`save_sharded` checkpoint onto any mesh (each process reads its shards).
 
     Example:
-        >>> import tempfile, jax, numpy as np
+        >>> import pathlib, tempfile, jax, numpy as np
         >>> from jax.sharding import NamedSharding, PartitionSpec
         >>> from lora_jax import sharding
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "adapter"
+        >>> sharding.save_sharded(path, {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}})
         >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        >>> path = tempfile.mkdtemp() + "/step_100"
-        >>> tree = {"adapter": {"q_proj": {"lora_A": np.ones((8, 2), np.float32)}}}
-        >>> sharding.save_sharded(path, tree)
         >>> restored = sharding.restore_sharded(path, NamedSharding(mesh, PartitionSpec()))
-        >>> bool((restored["adapter"]["q_proj"]["lora_A"] == 1.0).all())
+        >>> bool((restored["q_proj"]["lora_A"] == 1.0).all())
         True
-        >>> one = sharding.restore_sharded(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        >>> one["adapter"]["q_proj"]["lora_A"].shape
-        (8, 2)
+        >>> target = {"q_proj": {"lora_A": jax.ShapeDtypeStruct(
+        ...     (8, 2), np.float16, sharding=NamedSharding(mesh, PartitionSpec("data")))}}
+        >>> sharding.restore_sharded(path, target)["q_proj"]["lora_A"].dtype  # cast on read
+        dtype('float16')
 
     ``target`` is a pytree like the saved one with a ``Sharding`` at each
     leaf (shapes and dtypes come from the checkpoint), or with

@@ -107,13 +107,11 @@ def param_specs(params: Any, mesh: Any, strategy: Strategy = "fsdp",
     """A ``PartitionSpec`` for every leaf of ``params`` (a pytree like ``params``).
 
     Example:
-        >>> import jax, numpy as np, lora_jax
-        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> import jax, numpy as np
         >>> from lora_jax import sharding
-        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
         >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
         >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
-        >>> specs = sharding.param_specs(params, mesh, "fsdp_tp")
+        >>> specs = sharding.param_specs(params, {"data": 2, "model": 4}, "fsdp_tp")
         >>> specs["layers"]["0"]["q_proj"]["kernel"]  # input over data, output over model
         P('data', 'model')
         >>> specs["layers"]["0"]["o_proj"]["kernel"]  # row-parallel: input over model
@@ -298,12 +296,11 @@ def adapter_shardings(config: LoraConfig, params: Any, params_shardings: Any = N
         >>> from jax.sharding import AbstractMesh, AxisType
         >>> from lora_jax import sharding
         >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
-        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
+        >>> params = {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 64), np.float32)}}
         >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
         >>> specs = sharding.param_specs(params, mesh, "tp", config=config)
         >>> sharding.adapter_shardings(config, params, specs)
-        {'layers.0.q_proj': {'lora_A': P(None, None), 'lora_B': P(None, 'model')}}
+        {'q_proj': {'lora_A': P(None, None), 'lora_B': P(None, 'model')}}
 
     For a kernel of layout ``lead + in + out``, A ``lead + in + (r,)`` gets
     ``P(*lead, *in, None)`` and B ``lead + (r,) + out`` gets
@@ -373,19 +370,14 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, trainable: Any,
     """The layout of ``optimizer.init(trainable)``: each moment like its parameter.
 
     Example:
-        >>> import jax, numpy as np, lora_jax
-        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> import jax, numpy as np, optax
+        >>> from jax.sharding import PartitionSpec as P
         >>> from lora_jax import sharding
-        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
-        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
-        >>> import optax
-        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
-        >>> adapter = jax.eval_shape(lambda: lora_jax.init(config, params, jax.random.key(0)))
-        >>> specs = sharding.adapter_shardings(
-        ...     config, params, sharding.param_specs(params, mesh, "tp", config=config))
+        >>> adapter = {"q_proj": {"lora_A": jax.ShapeDtypeStruct((64, 4), np.float32),
+        ...                       "lora_B": jax.ShapeDtypeStruct((4, 64), np.float32)}}
+        >>> specs = {"q_proj": {"lora_A": P(None, None), "lora_B": P(None, "model")}}
         >>> adam, _ = sharding.optimizer_shardings(optax.adam(1e-3), adapter, specs)
-        >>> adam.count, adam.mu["layers.0.q_proj"]["lora_B"]
+        >>> adam.count, adam.mu["q_proj"]["lora_B"]
         (P(), P(None, 'model'))
 
     With a real mesh, ``jax.jit(optimizer.init, out_shardings=...)(adapter)`` then

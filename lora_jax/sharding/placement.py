@@ -80,17 +80,18 @@ def shard_train_state(config: LoraConfig, params: Any, optimizer: optax.Gradient
     """``(params, adapter, opt_state)`` placed on the mesh by ``shardings``.
 
     Example:
-        >>> import jax, jax.numpy as jnp, numpy as np, optax, lora_jax
+        >>> import jax, numpy as np, optax, lora_jax
         >>> from lora_jax import sharding
-        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        >>> params = {"dense": {"kernel": np.full((8, 2), 0.1, np.float32)}}
-        >>> config = lora_jax.LoraConfig(r=2, target_modules=["dense"])
-        >>> optimizer = optax.sgd(0.01)
-        >>> shardings = sharding.train_shardings(config, params, optimizer, mesh, "fsdp")
+        >>> params = {"q_proj": {"kernel": np.ones((16, 8), np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> adamw = optax.adamw(1e-3)
+        >>> layouts = sharding.train_shardings(
+        ...     config, params, adamw, sharding.make_mesh(devices=jax.devices()[:1]), "fsdp")
         >>> params, adapter, opt_state = sharding.shard_train_state(
-        ...     config, params, optimizer, shardings, key=jax.random.key(0))
-        >>> params["dense"]["kernel"].sharding.spec, adapter["dense"]["lora_B"].shape
-        (P('data', None), (2, 2))
+        ...     config, params, adamw, layouts, adapter=lora_jax.init(config, params,
+        ...                                                           jax.random.key(1)))
+        >>> adapter["q_proj"]["lora_A"].sharding.spec, opt_state[0].mu["q_proj"]["lora_B"].shape
+        (P('data', None), (4, 8))
 
     Give ``key`` to make a fresh adapter (``lora_jax.init``), created directly
     in its shards, or ``adapter`` to place an existing one. The optimizer

@@ -89,21 +89,19 @@ def sharded_merge(params: Any, adapter: Adapter, config: LoraConfig, shardings: 
     """:func:`lora_jax.merge` on the mesh: each merged kernel keeps W's sharding.
 
     Example:
-        >>> import jax, jax.numpy as jnp, numpy as np, optax, lora_jax
+        >>> import jax, numpy as np, lora_jax
         >>> from lora_jax import sharding
         >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        >>> params = {"dense": {"kernel": np.full((8, 2), 0.1, np.float32)}}
-        >>> config = lora_jax.LoraConfig(r=2, target_modules=["dense"])
-        >>> optimizer = optax.sgd(0.01)
-        >>> shardings = sharding.train_shardings(config, params, optimizer, mesh, "fsdp")
-        >>> params, adapter, opt_state = sharding.shard_train_state(
-        ...     config, params, optimizer, shardings, key=jax.random.key(0))
-        >>> adapter = jax.tree.map(lambda x: x + 0.1, adapter)  # as if trained
-        >>> expected = lora_jax.merge(params, adapter, config)["dense"]["kernel"]
+        >>> params = {"v_proj": {"kernel": np.ones((8, 4), np.float32)}}
+        >>> params = sharding.shard(params, sharding.param_shardings(params, mesh, "fsdp"))
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["v_proj"])
+        >>> adapter = jax.tree.map(lambda x: x + 0.1,  # as if trained: B is not zero
+        ...                        lora_jax.init(config, params, jax.random.key(0)))
+        >>> expected = lora_jax.merge(params, adapter, config)["v_proj"]["kernel"]
         >>> merged = sharding.sharded_merge(params, adapter, config)  # params are donated
-        >>> merged["dense"]["kernel"].sharding.spec
+        >>> merged["v_proj"]["kernel"].sharding.spec
         P('data', None)
-        >>> bool(np.allclose(merged["dense"]["kernel"], expected))
+        >>> bool(np.allclose(merged["v_proj"]["kernel"], expected))
         True
 
     ``shardings`` (a pytree like ``params``) defaults to the params' own.
