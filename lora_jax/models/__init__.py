@@ -7,15 +7,31 @@ no table. Linear kernels are (in, out); embeddings (vocab, dim); norms ``scale``
 
 Example:
     >>> from lora_jax import models
-    >>> model = models.from_pretrained("/path/to/hf-dir")  # doctest: +SKIP
-    >>> logits = model(input_ids)  # doctest: +SKIP
-    >>> out = models.generate(model, None, input_ids, max_new_tokens=20)  # doctest: +SKIP
+    >>> model = models.from_config({"model_type": "qwen2", "hidden_size": 16,
+    ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+    ...     "vocab_size": 30})
+    >>> model([[1, 2, 3]]).shape
+    (1, 3, 30)
+    >>> models.generate(model, None, [[1, 2, 3]], max_new_tokens=5).shape
+    (1, 8)
+
+From disk: ``models.from_pretrained("/path/to/hf-dir")`` (config.json + safetensors)
+or ``models.from_pretrained("model.Q4_1.gguf")``.
 
 Supported ``model_type``: llama (incl. SmolLM2, Llama 3 rope scaling), mistral, qwen2,
-gpt2, bert; GGUF files of architecture llama or qwen2.
+gpt2, bert; GGUF files of architecture llama or qwen2. Input these cannot use raises
+:class:`ModelLoadError` (a ``ValueError``) naming the file, key or tensor.
+
+Modules: ``layers`` (array maths: norms, RoPE, attention, KV cache, LM head),
+``blocks`` (linen blocks: self-attention, MLP, layer stack), one module per family
+(``llama``, ``gpt2``, ``bert``; each ends with its ``FAMILY`` registration, see
+``family``), ``loading`` / ``hf_files`` / ``gguf`` (checkpoints in and out),
+``generation`` and ``export`` (the merged Hugging Face checkpoint).
 """
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput
+from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
+from .export import save_merged
 from .generation import generate, sample_logits
 from .gguf import read_gguf
 from .gpt2 import GPT2Config, GPT2LMHeadModel
@@ -42,7 +58,9 @@ __all__ = [
     "GPT2LMHeadModel",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MissingTensorError",
     "Model",
+    "ModelLoadError",
     "build_module",
     "config_to_dict",
     "from_config",
@@ -51,6 +69,8 @@ __all__ = [
     "load_tokenizer",
     "read_gguf",
     "sample_logits",
+    "save_merged",
     "save_pretrained",
     "to_hf_state_dict",
+    "UnsupportedModelError",
 ]

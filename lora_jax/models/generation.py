@@ -36,6 +36,8 @@ def sample_logits(
     nucleus (top-p) filtering (Holtzman et al., 2019, arXiv 1904.09751).
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models import sample_logits
         >>> logits = jnp.array([[0.0, 5.0, 0.0]])
         >>> sample_logits(logits, jax.random.key(0), top_p=0.5)
         Array([1], dtype=int32)
@@ -190,15 +192,28 @@ def generate(
         (batch, prompt_len + max_new_tokens) int32: prompts followed by new tokens.
 
     Example:
-        >>> out = generate(model, None, ids, max_new_tokens=8)  # doctest: +SKIP
-        >>> lora_apply = lora(model.module.apply, config)  # doctest: +SKIP
-        >>> out = generate(model, None, ids, max_new_tokens=8,  # doctest: +SKIP
-        ...     apply_fn=lambda v, *a, **k: lora_apply(v, adapter, *a, **k))
-        >>> def with_adapter(v, *a, **k):  # adapter as an argument: no recompiles
-        ...     return lora_apply({"params": v["params"]["base"]}, v["params"]["adapter"],
-        ...                       *a, **k)
-        >>> out = generate(model.module, {"base": model.params, "adapter": adapter},  # doctest: +SKIP
-        ...     ids, max_new_tokens=8, apply_fn=with_adapter)
+        >>> import jax, lora_jax
+        >>> from lora_jax import models
+        >>> model = models.from_config({"model_type": "llama", "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        ...     "vocab_size": 30})
+        >>> ids = [[0, 5, 7], [3, 4, 9]]
+        >>> models.generate(model, None, ids, max_new_tokens=4).shape
+        (2, 7)
+
+        With a LoRA adapter, passed as an argument so that a new adapter does not
+        recompile the loop:
+
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        >>> adapter = lora_jax.init(config, model.params, jax.random.key(0))
+        >>> lora_apply = lora_jax.lora(model.module.apply, config)
+        >>> def with_adapter(variables, *args, **kwargs):
+        ...     both = variables["params"]
+        ...     return lora_apply({"params": both["base"]}, both["adapter"], *args, **kwargs)
+        >>> out = models.generate(model.module, {"base": model.params, "adapter": adapter},
+        ...                       ids, max_new_tokens=4, apply_fn=with_adapter)
+        >>> bool((out == models.generate(model, None, ids, max_new_tokens=4)).all())
+        True
     """
     config: dict[str, Any] = {}
     if isinstance(model, Model):

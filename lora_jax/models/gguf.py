@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ModelLoadError, UnsupportedModelError
+
+_REQUIRED = object()
+
 # GGUF architecture name -> Hugging Face model_type. Mistral checkpoints convert to "llama".
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
@@ -40,6 +44,7 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for tensors we do not map.
 
     Example:
+        >>> from lora_jax.models.gguf import hf_tensor_name
         >>> hf_tensor_name("blk.3.attn_q.weight")
         'model.layers.3.self_attn.q_proj.weight'
     """
@@ -60,6 +65,8 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     of each head's rows. This puts them back: per head, (half, 2) -> (2, half).
 
     Example:
+        >>> import numpy as np
+        >>> from lora_jax.models.gguf import unpermute_rotary_rows
         >>> unpermute_rotary_rows(np.array([0, 2, 1, 3]), num_heads=1)
         array([0, 1, 2, 3])
     """
@@ -73,6 +80,21 @@ class GGUFTensors:
 
     ``keys()`` lists the Hugging Face names; ``get(name)`` returns a numpy array in torch
     layout ((out, in) for linear weights).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> import gguf, numpy as np
+        >>> from lora_jax.models.gguf import GGUFTensors
+        >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "tiny.gguf")
+        >>> writer = gguf.GGUFWriter(path, "llama")
+        >>> writer.add_tensor("output_norm.weight", np.arange(4, dtype=np.float32))
+        >>> writer.write_header_to_file(); writer.write_kv_data_to_file()
+        >>> writer.write_tensors_to_file(); writer.close()
+        >>> tensors = GGUFTensors(gguf.GGUFReader(path), {}, rotary_permuted=False)
+        >>> tensors.keys(), tensors.get("model.norm.weight")
+        (['model.norm.weight'], array([0., 1., 2., 3.], dtype=float32))
+        >>> tensors.describe("model.norm.weight")
+        "'output_norm.weight' (read as 'model.norm.weight')"
     """
 
     def __init__(self, reader: Any, config: dict[str, Any], rotary_permuted: bool) -> None:
@@ -85,18 +107,31 @@ class GGUFTensors:
         self._rotary_permuted = rotary_permuted
 
     def keys(self) -> list[str]:
+        """The Hugging Face names of the tensors this file maps (see the class example)."""
         return list(self._reader_tensors)
 
+    def describe(self, name: str) -> str:
+        """The GGUF tensor behind ``name``, for error messages (see the class example)."""
+        return f"{self._reader_tensors[name].name!r} (read as {name!r})"
+
     def get(self, name: str) -> np.ndarray:
+        """The tensor ``name``, dequantised to float32 in torch layout (see the class example)."""
         from gguf.quants import dequantize
 
         tensor = self._reader_tensors[name]
-        array = dequantize(tensor.data, tensor.tensor_type)
         # GGUF lists dimensions fastest-first; torch layout is the reverse.
-        array = np.asarray(array, dtype=np.float32).reshape(tuple(reversed(tensor.shape.tolist())))
-        if self._rotary_permuted and (".q_proj." in name or ".k_proj." in name):
-            heads_key = "num_attention_heads" if ".q_proj." in name else "num_key_value_heads"
-            array = unpermute_rotary_rows(array, self._config[heads_key])
+        shape = tuple(reversed(tensor.shape.tolist()))
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+            array = np.asarray(array, dtype=np.float32).reshape(shape)
+            if self._rotary_permuted and (".q_proj." in name or ".k_proj." in name):
+                heads_key = "num_attention_heads" if ".q_proj." in name else "num_key_value_heads"
+                array = unpermute_rotary_rows(array, self._config[heads_key])
+        except (ValueError, NotImplementedError, TypeError, KeyError) as err:
+            raise ModelLoadError(
+                f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}, shape {shape}) "
+                f"cannot be read as {name!r}: {type(err).__name__}: {err}"
+            ) from None
         return array
 
 
@@ -104,8 +139,42 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
         return default
-    value = field.contents()
-    return value
+    return field.contents()
+
+
+def _number(reader: Any, path: Path, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """A numeric metadata field as ``kind``; missing (without a default) or not a
+    number is one clear error naming the file and the key."""
+    value = _field(reader, key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ModelLoadError(f"{path}: GGUF metadata has no {key!r}; expected a number")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ModelLoadError(f"{path}: GGUF metadata {key!r} is {value!r}; expected a number")
+    return kind(value)
+
+
+def _open(path: Path) -> Any:
+    """A ``gguf.GGUFReader``, or one clear error for a file that is not a readable GGUF."""
+    import gguf
+
+    with open(path, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'"
+        )
+    try:
+        return gguf.GGUFReader(str(path))
+    # The reader indexes a memory map with the header's counts and offsets; a crafted
+    # or truncated header fails in any of these ways.
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as err:
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); expected a "
+            "complete GGUF v2/v3 file as llama.cpp writes it (an interrupted download "
+            "leaves it truncated)"
+        ) from None
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
@@ -115,62 +184,84 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFTensors]:
         >>> config, tensors = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
         >>> config["model_type"], tensors.get("model.norm.weight").shape  # doctest: +SKIP
         ('llama', (576,))
+        >>> import pathlib, tempfile
+        >>> from lora_jax.models.gguf import read_gguf
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "cut.gguf"
+        >>> _ = path.write_bytes(b"GGUF" + bytes([3, 0, 0, 0, 5]))  # a header cut short
+        >>> read_gguf(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lora_jax.models.errors.ModelLoadError: .../cut.gguf is not a readable GGUF file ...
     """
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    path = Path(path)
+    reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{path}: unsupported GGUF architecture {arch!r}; supported: "
             f"{sorted(SUPPORTED_ARCHITECTURES)}"
         )
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"{path}: per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1 "
             "style) are not supported from GGUF; load the Hugging Face safetensors instead"
         )
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = _field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+    heads = _number(reader, path, f"{arch}.attention.head_count", int)
+    hidden = _number(reader, path, f"{arch}.embedding_length", int)
+    vocab = _number(reader, path, f"{arch}.vocab_size", int, None)
     if vocab is None:
-        vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1]
+        tokens = _field(reader, "tokenizer.ggml.tokens")
+        embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if tokens is not None:
+            vocab = len(tokens)
+        elif embedding is not None:
+            vocab = int(embedding.shape[1])
+        else:
+            raise ModelLoadError(
+                f"{path}: no vocabulary size: expected {arch}.vocab_size, "
+                "tokenizer.ggml.tokens or a token_embd.weight tensor"
+            )
     config: dict[str, Any] = {
         "model_type": SUPPORTED_ARCHITECTURES[arch],
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "intermediate_size": _number(reader, path, f"{arch}.feed_forward_length", int),
+        "num_hidden_layers": _number(reader, path, f"{arch}.block_count", int),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "num_key_value_heads": _number(reader, path, f"{arch}.attention.head_count_kv", int,
+                                       heads),
+        "head_dim": _number(reader, path, f"{arch}.attention.key_length", int,
+                            hidden // heads if heads else None),
+        "max_position_embeddings": _number(reader, path, f"{arch}.context_length", int, 2048),
+        "rms_norm_eps": _number(reader, path, f"{arch}.attention.layer_norm_rms_epsilon", float,
+                                1e-6),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "hidden_act": "silu",
         "rope_parameters": {
-            "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+            "rope_theta": _number(reader, path, f"{arch}.rope.freq_base", float, 10000.0),
             "rope_type": "default",
         },
     }
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling == "linear":
         config["rope_parameters"].update(
-            rope_type="linear", factor=float(_field(reader, f"{arch}.rope.scaling.factor"))
+            rope_type="linear",
+            factor=_number(reader, path, f"{arch}.rope.scaling.factor", float),
         )
     elif scaling not in (None, "none"):
-        raise NotImplementedError(f"{path}: unsupported GGUF rope scaling {scaling!r}")
+        raise UnsupportedModelError(
+            f"{path}: unsupported GGUF rope scaling {scaling!r}; supported: 'none', 'linear'"
+        )
     for ours, theirs in (
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
         ("pad_token_id", "padding_token_id"),
     ):
-        value = _field(reader, f"tokenizer.ggml.{theirs}")
+        value = _number(reader, path, f"tokenizer.ggml.{theirs}", int, None)
         if value is not None:
-            config[ours] = int(value)
+            config[ours] = value
     # llama.cpp permutes Q/K rows only for architectures whose rotary kernel is the
     # "normal" (adjacent pairs) one; Qwen2 uses the NeoX layout and is stored as is.
     return config, GGUFTensors(reader, config, rotary_permuted=arch == "llama")

@@ -1,4 +1,6 @@
-"""Building blocks shared by the model families: norms, activations, RoPE and attention.
+"""Array-level pieces shared by the model families: norms, activations, RoPE, masks,
+attention, the KV cache and the LM head. The linen blocks built from them
+(self-attention, MLPs, the layer stack) are in :mod:`lora_jax.models.blocks`.
 
 Everything here is plain JAX on arrays (plus one tiny linen module, `RMSNorm`), so
 the jaxpr a model traces to contains only ordinary primitives: `dot_general` for
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import UnsupportedModelError
+
 Dtype = Any
 
 # A large negative number rather than -inf: a fully masked row (a padding query)
@@ -30,10 +34,12 @@ class RMSNorm(nn.Module):
     The param is ``scale`` of shape (dim,) (Hugging Face calls it ``weight``).
 
     Example:
-        >>> norm = RMSNorm(eps=1e-6)
-        >>> y, _ = norm.init_with_output(jax.random.key(0), jnp.ones((2, 8)))
-        >>> y.shape
-        (2, 8)
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.layers import RMSNorm
+        >>> y, params = RMSNorm(eps=0.0).init_with_output(jax.random.key(0),
+        ...                                                jnp.full((2, 8), 2.0))
+        >>> y[0, :3], params["params"]["scale"].shape
+        (Array([1., 1., 1.], dtype=float32), (8,))
     """
 
     eps: float = 1e-6
@@ -79,13 +85,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation function a Hugging Face config names.
 
     Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import activation
         >>> activation("silu")(jnp.zeros(2))
         Array([0., 0.], dtype=float32)
     """
     try:
         return _ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}"
         ) from None
 
@@ -103,6 +111,7 @@ def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
     by ``factor``) and "llama3" (Llama 3.1's wavelength-dependent smoothing).
 
     Example:
+        >>> from lora_jax.models.layers import rope_inverse_frequencies
         >>> rope_inverse_frequencies(4, {"rope_theta": 10000.0, "rope_type": "default"})
         array([1.  , 0.01], dtype=float32)
     """
@@ -129,7 +138,7 @@ def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(
+    raise UnsupportedModelError(
         f"unsupported rope_type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
     )
 
@@ -138,6 +147,13 @@ def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
     """``(cos, sin)`` of the rotary angles, each (batch, seq, 1, head_dim), float32.
 
     Computed once per forward pass and shared by every layer's ``apply_rope``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from lora_jax.models.layers import rope_angles
+        >>> cos, sin = rope_angles(jnp.array([[0, 1]]), np.array([1.0, 0.5], np.float32))
+        >>> cos.shape, sin[0, 1, 0]
+        ((1, 2, 1, 4), Array([0.84147096, 0.47942555, 0.84147096, 0.47942555], dtype=float32))
     """
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
@@ -149,6 +165,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     Uses Hugging Face's "rotate half" layout: the first and second halves of each head
     form the (real, imaginary) pairs.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from lora_jax.models.layers import apply_rope, rope_angles
+        >>> x = jnp.array([[[[1.0, 0.0]]]])  # one head of width 2: the pair (1, 0)
+        >>> cos, sin = rope_angles(jnp.array([[1]]), np.array([np.pi / 2], np.float32))
+        >>> jnp.round(apply_rope(x, cos, sin), 6)  # rotated by 90 degrees
+        Array([[[[-0.,  1.]]]], dtype=float32)
     """
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
@@ -171,6 +195,15 @@ def make_attention_mask(
 
     Slots are positions in the (cached) sequence buffer, not RoPE positions: with left
     padding they differ, and causality is about buffer order.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import make_attention_mask
+        >>> slots = jnp.arange(3)
+        >>> make_attention_mask(slots, slots, jnp.array([[0, 1, 1]]))[0, 0].astype(int)
+        Array([[0, 0, 0],
+               [0, 1, 0],
+               [0, 1, 1]], dtype=int32)
 
     Args:
         query_slots: (q,) buffer index of each query.
@@ -201,6 +234,14 @@ def dot_product_attention(
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; scores and softmax in float32.
 
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import dot_product_attention
+        >>> query = jnp.ones((1, 2, 4, 8))           # 4 query heads
+        >>> key = value = jnp.ones((1, 2, 2, 8))     # served by 2 KV heads
+        >>> dot_product_attention(query, key, value, None, scale=8**-0.5).shape
+        (1, 2, 32)
+
     Args:
         query: (batch, q, heads, head_dim).
         key, value: (batch, k, kv_heads, head_dim); ``heads`` must be a multiple of
@@ -229,11 +270,59 @@ def update_kv_cache(
 
     Returns the full cached keys and values (batch, max_length, kv_heads, head_dim) and
     the updated layer cache.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import update_kv_cache
+        >>> cache = {"k": jnp.zeros((1, 4, 1, 2)), "v": jnp.zeros((1, 4, 1, 2))}
+        >>> k, v, cache = update_kv_cache(cache, jnp.ones((1, 2, 1, 2)),
+        ...                               jnp.ones((1, 2, 1, 2)), jnp.int32(1))
+        >>> k[0, :, 0, 0]
+        Array([0., 1., 1., 0.], dtype=float32)
     """
     start = (0, index, 0, 0)
     k = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
     v = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
     return k, v, {"k": k, "v": v}
+
+
+def attend(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    layer_cache: dict[str, jax.Array] | None = None,
+    index: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Attention from projected heads: RoPE (if given), the KV-cache write (if a cache is
+    given), then :func:`dot_product_attention`; returns ``(output, layer_cache)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import attend
+        >>> q = k = v = jnp.ones((1, 3, 2, 4))
+        >>> out, cache = attend(q, k, v, None, scale=0.5)
+        >>> out.shape, cache
+        ((1, 3, 8), None)
+
+    Args:
+        query: (batch, q, heads, head_dim).
+        key, value: (batch, q, kv_heads, head_dim), this call's tokens.
+        mask: boolean, broadcastable to (batch, 1, q, keys).
+        scale: multiplier of the scores.
+        rope: ``(cos, sin)`` from :func:`rope_angles`, applied to queries and keys.
+        layer_cache: ``{"k", "v"}`` of the layer; then the keys are every cache slot.
+        index: cache slot of this call's first token.
+    """
+    if rope is not None:
+        query = apply_rope(query, *rope)
+        key = apply_rope(key, *rope)
+    if layer_cache is not None:
+        key, value, layer_cache = update_kv_cache(layer_cache, key, value, index)
+    return dot_product_attention(query, key, value, mask, scale=scale), layer_cache
 
 
 def empty_kv_cache(
@@ -251,6 +340,13 @@ def empty_kv_cache(
     ``layers`` is a tuple of ``{"k", "v"}`` per layer (unrolled models) or one
     ``{"k", "v"}`` with a leading layer axis (scanned models). ``index`` is the next
     free slot, shared by the whole batch (rows are left-aligned by padding).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import empty_kv_cache
+        >>> cache = empty_kv_cache(3, 2, 16, 4, 8, jnp.bfloat16, stacked=True)
+        >>> cache["layers"]["k"].shape, cache["layers"]["k"].dtype
+        ((3, 2, 16, 4, 8), dtype(bfloat16))
     """
     shape = (batch_size, max_length, kv_heads, head_dim)
     if stacked:
@@ -272,6 +368,16 @@ def slots_and_positions(
 
     Without a cache the keys are this call's tokens; with one they are every slot of the
     fixed-size buffer, and this call's tokens occupy ``index .. index + s - 1``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import empty_kv_cache, slots_and_positions
+        >>> cache = dict(empty_kv_cache(1, 1, 6, 1, 2, jnp.float32, stacked=False),
+        ...              index=jnp.int32(2))
+        >>> query_slots, key_slots, positions = slots_and_positions(
+        ...     jnp.zeros((1, 3), jnp.int32), None, cache)
+        >>> query_slots, key_slots.shape, positions
+        (Array([2, 3, 4], dtype=int32), (6,), Array([[2, 3, 4]], dtype=int32))
     """
     batch, seq = input_ids.shape
     start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
@@ -289,18 +395,74 @@ def _cache_length(cache: dict[str, Any]) -> int:
     return jax.tree.leaves(cache["layers"])[0].shape[-3]
 
 
+def split_cache(cache: dict[str, Any] | None) -> tuple[jax.Array | None, Any]:
+    """``(index, layers)`` of a KV cache, or ``(None, None)`` without one.
+
+    Example:
+        >>> from lora_jax.models.layers import empty_kv_cache, split_cache
+        >>> index, layers = split_cache(empty_kv_cache(2, 1, 8, 1, 4, "float32", stacked=False))
+        >>> int(index), len(layers)
+        (0, 2)
+    """
+    if cache is None:
+        return None, None
+    return cache["index"], cache["layers"]
+
+
+def next_cache(cache: dict[str, Any] | None, layers: Any, num_tokens: int) -> dict[str, Any] | None:
+    """The cache after a call that wrote ``num_tokens`` tokens into ``layers`` (None stays None).
+
+    Example:
+        >>> from lora_jax.models.layers import empty_kv_cache, next_cache
+        >>> cache = empty_kv_cache(1, 1, 8, 1, 4, "float32", stacked=True)
+        >>> int(next_cache(cache, cache["layers"], 3)["index"])
+        3
+    """
+    if cache is None:
+        return None
+    return {"index": cache["index"] + num_tokens, "layers": layers}
+
+
 def dense_init(stddev: float) -> Callable[..., jax.Array]:
-    """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only)."""
+    """Normal(0, stddev) init, as transformers' ``initializer_range`` (random init only).
+
+    Example:
+        >>> import jax
+        >>> from lora_jax.models.layers import dense_init
+        >>> dense_init(0.02)(jax.random.key(0), (64, 64)).std() < 0.03
+        Array(True, dtype=bool)
+    """
     return nn.initializers.normal(stddev)
 
 
-def output_logits(hidden: jax.Array, embedding: nn.Embed, *, tied: bool, vocab_size: int,
-                  initializer_range: float, dtype: Any, param_dtype: Any) -> jax.Array:
-    """float32 logits: through the tied ``embedding`` table, or an ``lm_head`` Dense
-    created in the calling module's scope (call it from a compact ``__call__``)."""
-    if tied:
+def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype: Dtype,
+                  param_dtype: Dtype) -> jax.Array:
+    """float32 logits of a causal LM's last hidden states.
+
+    Through the ``embedding`` table when ``config.tie_word_embeddings``, else through
+    an ``lm_head`` Dense (``config.vocab_size`` outputs, init normal(0,
+    ``config.initializer_range``)) created in the calling module's scope: call it from
+    a compact ``__call__``.
+
+    Example:
+        >>> import types, jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.layers import output_logits
+        >>> config = types.SimpleNamespace(tie_word_embeddings=False, vocab_size=10,
+        ...                                initializer_range=0.02)
+        >>> class Head(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         embedding = nn.Embed(10, 4, name="embed")
+        ...         return output_logits(embedding(x), embedding, config,
+        ...                              dtype=jnp.float32, param_dtype=jnp.float32)
+        >>> logits, params = jax.eval_shape(Head().init_with_output, jax.random.key(0),
+        ...                                 jnp.zeros((1, 3), int))
+        >>> logits.shape, params["params"]["lm_head"]["kernel"].shape
+        ((1, 3, 10), (4, 10))
+    """
+    if config.tie_word_embeddings:
         logits = embedding.attend(hidden)
     else:
-        logits = nn.Dense(vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=dense_init(initializer_range), name="lm_head")(hidden)
+        logits = nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=dense_init(config.initializer_range), name="lm_head")(hidden)
     return logits.astype(jnp.float32)

@@ -19,31 +19,45 @@ of shape (num_layers, hidden, heads * head_dim).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from .blocks import (
+    MLP,
+    AttentionConfig,
+    ConfigModule,
+    MLPConfig,
+    PerLayer,
+    SelfAttention,
+    layer_stack,
+)
+from .errors import ModelLoadError, UnsupportedModelError
+from .family import BuildSettings, ConfigReader, ModelFamily
 from .layers import (
     SUPPORTED_ROPE_TYPES,
     Dtype,
     RMSNorm,
-    activation,
-    apply_rope,
     dense_init,
-    dot_product_attention,
     empty_kv_cache,
     make_attention_mask,
+    next_cache,
     output_logits,
     rope_angles,
     rope_inverse_frequencies,
     slots_and_positions,
-    update_kv_cache,
+    split_cache,
 )
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model_type -> the architecture save_pretrained writes.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +67,7 @@ class LlamaConfig:
     Hashable, so modules holding it can be static arguments of ``jax.jit``.
 
     Example:
+        >>> from lora_jax.models import LlamaConfig
         >>> cfg = LlamaConfig.from_hf({"model_type": "llama", "hidden_size": 64,
         ...     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         ...     "vocab_size": 100})
@@ -81,37 +96,95 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> LlamaConfig:
-        """Read a ``config.json`` dict of model_type llama, mistral or qwen2."""
+        """Read a ``config.json`` dict of model_type llama, mistral or qwen2.
+
+        Example:
+            >>> from lora_jax.models.llama import LlamaConfig
+            >>> LlamaConfig.from_hf({"model_type": "qwen2", "hidden_size": 64,
+            ...     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            ...     "vocab_size": 100}).qkv_bias
+            True
+        """
         model_type = config.get("model_type", "llama")
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
-        layers = int(config["num_hidden_layers"])
+        read = ConfigReader(config, model_type)
+        heads = read.int("num_attention_heads")
+        hidden = read.int("hidden_size")
+        layers = read.int("num_hidden_layers")
+        kv_heads = read.int("num_key_value_heads", None) or heads
+        head_dim = read.int("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ModelLoadError(
+                    f"the {model_type} config has hidden_size={hidden}, which "
+                    f"num_attention_heads={heads} does not divide; give head_dim explicitly"
+                )
+            head_dim = hidden // heads
+        if heads % kv_heads:
+            raise ModelLoadError(
+                f"the {model_type} config has num_attention_heads={heads}, which is not a "
+                f"multiple of num_key_value_heads={kv_heads}"
+            )
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
         elif model_type == "mistral":
             qkv_bias, o_bias, mlp_bias = False, False, False
         else:
-            attention_bias = bool(config.get("attention_bias", False))
+            attention_bias = read.bool("attention_bias", False)
             qkv_bias, o_bias = attention_bias, attention_bias
-            mlp_bias = bool(config.get("mlp_bias", False))
+            mlp_bias = read.bool("mlp_bias", False)
         return cls(
-            vocab_size=int(config["vocab_size"]),
+            vocab_size=read.int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
+            intermediate_size=read.int("intermediate_size"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            hidden_act=config.get("hidden_act", "silu"),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=read.float("rms_norm_eps", 1e-6),
+            hidden_act=read.str("hidden_act", "silu"),
+            tie_word_embeddings=read.bool("tie_word_embeddings", False),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             sliding_windows=_sliding_windows(config, model_type, layers),
             rope=tuple(sorted(_rope_parameters(config).items())),
-            initializer_range=float(config.get("initializer_range", 0.02)),
+            initializer_range=read.float("initializer_range", 0.02),
         )
+
+    @property
+    def attention(self) -> AttentionConfig:
+        """The self-attention block of every layer.
+
+        Example:
+            >>> from lora_jax.models import LlamaConfig
+            >>> LlamaConfig.from_hf({"hidden_size": 64, "intermediate_size": 128,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+            ...     "vocab_size": 100}).attention.num_kv_heads
+            2
+        """
+        return AttentionConfig(
+            num_heads=self.num_attention_heads,
+            num_kv_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            features=self.hidden_size,
+            qkv_bias=self.qkv_bias,
+            out_bias=self.o_bias,
+            initializer_range=self.initializer_range,
+        )
+
+    @property
+    def mlp(self) -> MLPConfig:
+        """The gated MLP of every layer.
+
+        Example:
+            >>> from lora_jax.models import LlamaConfig
+            >>> LlamaConfig.from_hf({"hidden_size": 64, "intermediate_size": 128,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 8, "vocab_size": 100,
+            ...     "mlp_bias": True}).mlp.use_bias
+            True
+        """
+        return MLPConfig(self.intermediate_size, self.hidden_size, self.hidden_act,
+                         use_bias=self.mlp_bias, initializer_range=self.initializer_range)
 
 
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
@@ -126,12 +199,26 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
             "original_max_position_embeddings", config.get("max_position_embeddings", 8192)
         )
     if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"unsupported rope_type {rope['rope_type']!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
         )
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported by the Llama family")
+    read = ConfigReader(rope, f"{config.get('model_type', 'llama')} rope")
+    read.float("rope_theta")
+    for key in _ROPE_FIELDS[rope["rope_type"]]:
+        read.float(key)
+    if read.float("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError(
+            "partial_rotary_factor != 1 is not supported by the Llama family"
+        )
     return rope
+
+
+# The scaling fields each rope type needs (rope_theta aside).
+_ROPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tuple:
@@ -151,120 +238,53 @@ def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tu
     return (None,) * layers
 
 
-class LlamaAttention(nn.Module):
-    """Grouped-query self-attention with RoPE.
+class LlamaDecoderLayer(ConfigModule):
+    """Pre-norm block: attention and MLP, each with a residual connection.
 
-    ``rope`` is ``(cos, sin)`` from ``rope_angles``; ``mask`` is boolean (batch or 1, 1,
-    queries, keys); with a ``layer_cache`` the keys are every cache slot and this call's
-    keys/values are written at slot ``index``.
+    Called as ``layer(x, layer_cache, rope, mask, index)`` (the argument order of
+    :func:`~lora_jax.models.blocks.layer_stack`); returns ``(x, layer_cache)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.llama import LlamaConfig, LlamaDecoderLayer
+        >>> cfg = LlamaConfig.from_hf({"hidden_size": 16, "intermediate_size": 32,
+        ...     "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10})
+        >>> (x, _), params = jax.eval_shape(LlamaDecoderLayer(cfg).init_with_output,
+        ...     jax.random.key(0), jnp.ones((1, 3, 16)), None, None, None, None)
+        >>> x.shape, sorted(params["params"])
+        ((1, 3, 16), ['input_layernorm', 'mlp', 'post_attention_layernorm', 'self_attn'])
     """
 
     config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, rope, mask, layer_cache, index):
-        cfg = self.config
-
-        def proj(features: int, bias: bool, name: str) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=dense_init(cfg.initializer_range),
-                name=name,
-            )
-
-        batch, seq, _ = x.shape
-        q = proj(cfg.num_attention_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
-        k = proj(cfg.num_key_value_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
-        v = proj(cfg.num_key_value_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x)
-        q = q.reshape(batch, seq, cfg.num_attention_heads, cfg.head_dim)
-        k = k.reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        v = v.reshape(batch, seq, cfg.num_key_value_heads, cfg.head_dim)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
-        if layer_cache is not None:
-            k, v, layer_cache = update_kv_cache(layer_cache, k, v, index)
-        out = dot_product_attention(q, k, v, mask, scale=cfg.head_dim**-0.5)
-        return proj(cfg.hidden_size, cfg.o_bias, "o_proj")(out), layer_cache
-
-
-class LlamaMLP(nn.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-
-        def proj(features: int, name: str) -> nn.Dense:
-            return nn.Dense(
-                features,
-                use_bias=cfg.mlp_bias,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=dense_init(cfg.initializer_range),
-                name=name,
-            )
-
-        act = activation(cfg.hidden_act)
-        hidden = act(proj(cfg.intermediate_size, "gate_proj")(x))
-        hidden = hidden * proj(cfg.intermediate_size, "up_proj")(x)
-        return proj(cfg.hidden_size, "down_proj")(hidden)
-
-
-class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: attention and MLP, each with a residual connection."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, layer_cache, rope, mask, index):
-        # Argument order fits nn.scan: carry, then the scanned cache, then broadcasts.
         cfg = self.config
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, layer_cache = LlamaAttention(cfg, name="self_attn", **kw)(
-            h, rope, mask, layer_cache, index
+        h = self.rms_norm(cfg.rms_norm_eps, "input_layernorm")(x)
+        h, layer_cache = SelfAttention(cfg.attention, name="self_attn", **self.kw)(
+            h, mask, rope, layer_cache, index
         )
         x = x + h
-        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + LlamaMLP(cfg, name="mlp", **kw)(h)
+        h = self.rms_norm(cfg.rms_norm_eps, "post_attention_layernorm")(x)
+        x = x + MLP(cfg.mlp, name="mlp", **self.kw)(h)
         return x, layer_cache
 
 
-class LlamaLayers(nn.Module):
-    """The unrolled decoder stack, named ``layers``, with children ``"0"``, ``"1"``, ..."""
-
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, layer_caches, rope, masks, index):
-        # Like the scanned layer's signature, with one mask per layer (windows may differ).
-        cfg = self.config
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        new_caches = []
-        for i in range(cfg.num_hidden_layers):
-            layer_cache = None if layer_caches is None else layer_caches[i]
-            x, layer_cache = LlamaDecoderLayer(cfg, name=str(i), **kw)(
-                x, layer_cache, rope, masks[i], index
-            )
-            new_caches.append(layer_cache)
-        return x, None if layer_caches is None else tuple(new_caches)
-
-
 class LlamaModel(nn.Module):
-    """Embeddings, decoder stack and final norm (transformers' ``LlamaModel``)."""
+    """Embeddings, decoder stack and final norm (transformers' ``LlamaModel``);
+    ``__call__`` returns ``(hidden, cache)`` (cache None without one).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.llama import LlamaConfig, LlamaModel
+        >>> cfg = LlamaConfig.from_hf({"hidden_size": 16, "intermediate_size": 32,
+        ...     "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10})
+        >>> model = LlamaModel(cfg, scan_layers=True)
+        >>> (hidden, _), params = jax.eval_shape(model.init_with_output,
+        ...     jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+        >>> hidden.shape, params["params"]["layers"]["mlp"]["up_proj"]["kernel"].shape
+        ((1, 3, 16), (2, 16, 32))
+    """
 
     config: LlamaConfig
     scan_layers: bool = False
@@ -281,23 +301,15 @@ class LlamaModel(nn.Module):
             **kw,
         )
         windows = cfg.sliding_windows or (None,) * cfg.num_hidden_layers
-        if self.scan_layers:
-            if len(set(windows)) > 1:
-                raise NotImplementedError(
-                    "scan_layers=True needs the same attention window in every layer; this "
-                    f"config mixes {sorted(set(windows), key=str)}. Use scan_layers=False."
-                )
-            # The scanned layer itself is "layers": its params sit directly under
-            # model.layers with a leading layer axis, no index level.
-            self.layers = nn.scan(
-                LlamaDecoderLayer,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.num_hidden_layers,
-            )(cfg, **kw)
-        else:
-            self.layers = LlamaLayers(cfg, **kw)
+        if self.scan_layers and len(set(windows)) > 1:
+            raise NotImplementedError(
+                "scan_layers=True needs the same attention window in every layer; this "
+                f"config mixes {sorted(set(windows), key=str)}. Use scan_layers=False."
+            )
+        # Scanned, the stack itself is "layers": its params sit directly under
+        # model.layers with a leading layer axis, no index level.
+        self.layers = layer_stack(LlamaDecoderLayer, cfg, cfg.num_hidden_layers,
+                                  scan=self.scan_layers, num_args=3, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -311,18 +323,10 @@ class LlamaModel(nn.Module):
             w: make_attention_mask(query_slots, key_slots, attention_mask, sliding_window=w)
             for w in set(windows)
         }
-        index = None if cache is None else cache["index"]
-        layer_caches = None if cache is None else cache["layers"]
-        if self.scan_layers:
-            x, new_layers = self.layers(x, layer_caches, rope, masks[windows[0]], index)
-        else:
-            per_layer = tuple(masks[w] for w in windows)
-            x, new_layers = self.layers(x, layer_caches, rope, per_layer, index)
-        x = self.norm(x)
-        if cache is None:
-            return x, None
-        new_cache = {"index": cache["index"] + input_ids.shape[1], "layers": new_layers}
-        return x, new_cache
+        mask = masks[windows[0]] if self.scan_layers else PerLayer(masks[w] for w in windows)
+        index, layer_caches = split_cache(cache)
+        x, new_layers = self.layers(x, layer_caches, rope, mask, index)
+        return self.norm(x), next_cache(cache, new_layers, input_ids.shape[1])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -336,6 +340,8 @@ class LlamaForCausalLM(nn.Module):
         cache: a KV cache from ``init_cache``; then the call returns ``(logits, cache)``.
 
     Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models import LlamaConfig, LlamaForCausalLM
         >>> cfg = LlamaConfig.from_hf({"hidden_size": 32, "intermediate_size": 64,
         ...     "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 50})
         >>> model = LlamaForCausalLM(cfg)
@@ -352,46 +358,51 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        cfg = self.config
         model = LlamaModel(
-            cfg, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype, name="model"
+            self.config, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="model",
         )
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        logits = output_logits(hidden, model.embed_tokens, tied=cfg.tie_word_embeddings,
-                               vocab_size=cfg.vocab_size, initializer_range=cfg.initializer_range,
-                               dtype=self.dtype, param_dtype=self.param_dtype)
+        logits = output_logits(hidden, model.embed_tokens, self.config, dtype=self.dtype,
+                               param_dtype=self.param_dtype)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
-        """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens."""
+        """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+        Example:
+            >>> from lora_jax.models import LlamaConfig, LlamaForCausalLM
+            >>> cfg = LlamaConfig.from_hf({"hidden_size": 16, "intermediate_size": 32,
+            ...     "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10})
+            >>> LlamaForCausalLM(cfg).init_cache(1, 8)["layers"][0]["k"].shape
+            (1, 8, 2, 8)
+        """
         cfg = self.config
-        return empty_kv_cache(
-            cfg.num_hidden_layers,
-            batch_size,
-            max_length,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            dtype or self.dtype,
-            stacked=self.scan_layers,
-        )
+        return empty_kv_cache(cfg.num_hidden_layers, batch_size, max_length,
+                              cfg.num_key_value_heads, cfg.head_dim, dtype or self.dtype,
+                              stacked=self.scan_layers)
 
 
-def build(
-    config: dict[str, Any],
-    *,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    scan_layers: bool = False,
-    architecture: str | None = None,
-) -> LlamaForCausalLM:
-    """The module for a Hugging Face config dict (``architecture`` is accepted for a
-    uniform signature; every Llama-family checkpoint is a causal LM here)."""
-    del architecture
-    return LlamaForCausalLM(
-        LlamaConfig.from_hf(config), scan_layers, dtype=dtype, param_dtype=param_dtype
-    )
+def build(config: dict[str, Any], settings: BuildSettings) -> LlamaForCausalLM:
+    """The causal LM for a Hugging Face config dict (every Llama-family checkpoint is a
+    causal LM here, so ``settings.architecture`` is not looked at).
+
+    Example:
+        >>> from lora_jax.models import llama
+        >>> from lora_jax.models.family import BuildSettings
+        >>> llama.build({"model_type": "mistral", "hidden_size": 16, "intermediate_size": 32,
+        ...     "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 10,
+        ...     "sliding_window": 64}, BuildSettings()).config.sliding_windows
+        (64, 64)
+    """
+    return LlamaForCausalLM(LlamaConfig.from_hf(config), settings.scan_layers, **settings.dtypes)
 
 
-def dummy_inputs() -> tuple[np.ndarray]:
-    """Inputs that ``module.init`` / ``jax.eval_shape`` can trace the model with."""
-    return (np.zeros((1, 1), np.int32),)
+FAMILY = ModelFamily(
+    model_types=MODEL_TYPES,
+    build=build,
+    base_prefix="model.",
+    architecture=lambda model_type, params: ARCHITECTURES[model_type],
+    scan_node=("model", "layers"),
+    ignored=re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$"),
+)

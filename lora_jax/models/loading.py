@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,68 +25,22 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import bert, gpt2, llama
+from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
+from .family import BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
+from .hf_files import SafetensorsCheckpoint, checkpoint_files, read_json_object, refuse_remote_code
 from .layers import Dtype
 
 Params = dict[str, Any]
-ParamPath = tuple[str, ...]
 
 _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Family:
-    build: Callable[..., nn.Module]
-    dummy_inputs: Callable[[], tuple]
-    # Checkpoints may or may not carry the base model's prefix ("bert.", "transformer.").
-    base_prefix: str
-    # Which kernels torch stores as an nn.Linear weight (out, in), i.e. need a transpose.
-    transposed: Callable[[ParamPath], bool]
-    # Node holding scanned layers (params with a leading layer axis), if supported.
-    scan_node: ParamPath | None
-    # Checkpoint tensors that are buffers or tied copies, skipped without a warning.
-    ignored: re.Pattern
-    causal_lm_architecture: str | None
-
-
-def _always(path: ParamPath) -> bool:
-    return True
-
-
-def _gpt2_transposed(path: ParamPath) -> bool:
-    return path[0] == "lm_head"
-
-
-_LLAMA = dict(
-    build=llama.build,
-    dummy_inputs=llama.dummy_inputs,
-    base_prefix="model.",
-    transposed=_always,
-    scan_node=("model", "layers"),
-    ignored=re.compile(r".*rotary_emb\.inv_freq$|^lm_head\.weight$"),
-)
-_FAMILIES: dict[str, _Family] = {
-    "llama": _Family(**_LLAMA, causal_lm_architecture="LlamaForCausalLM"),
-    "mistral": _Family(**_LLAMA, causal_lm_architecture="MistralForCausalLM"),
-    "qwen2": _Family(**_LLAMA, causal_lm_architecture="Qwen2ForCausalLM"),
-    "gpt2": _Family(
-        build=gpt2.build,
-        dummy_inputs=gpt2.dummy_inputs,
-        base_prefix="transformer.",
-        transposed=_gpt2_transposed,
-        scan_node=None,
-        ignored=re.compile(r"(.*\.)?attn\.(masked_)?bias$|lm_head\.weight"),
-        causal_lm_architecture="GPT2LMHeadModel",
-    ),
-    "bert": _Family(
-        build=bert.build,
-        dummy_inputs=bert.dummy_inputs,
-        base_prefix="bert.",
-        transposed=_always,
-        scan_node=None,
-        ignored=re.compile(r".*position_ids$|^cls\..*"),
-        causal_lm_architecture=None,
-    ),
+# Every family this package implements; a new family is one module ending in FAMILY.
+_FAMILIES: dict[str, ModelFamily] = {
+    model_type: module.FAMILY
+    for module in (llama, gpt2, bert)
+    for model_type in module.FAMILY.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
 
@@ -106,8 +59,11 @@ class Model:
         source: the directory or ``.gguf`` file it was loaded from, for ``tokenizer()``.
 
     Example:
-        >>> model = from_pretrained("path/to/SmolLM2")  # doctest: +SKIP
-        >>> logits = model(jnp.array([[1, 2, 3]]))  # doctest: +SKIP
+        >>> from lora_jax import models
+        >>> model = models.from_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+        ...     "n_head": 2, "vocab_size": 20, "n_positions": 8})
+        >>> type(model.module).__name__, model([[1, 2, 3]]).shape
+        ('GPT2LMHeadModel', (1, 3, 20))
     """
 
     module: nn.Module
@@ -124,7 +80,17 @@ class Model:
         return _jitted_apply(self.module)({"params": self.params}, *args, **kwargs)
 
     def tokenizer(self) -> Any:
-        """The transformers tokenizer stored with the checkpoint (see ``load_tokenizer``)."""
+        """The transformers tokenizer stored with the checkpoint (see ``load_tokenizer``).
+
+        Example:
+            >>> from lora_jax import models
+            >>> model = models.from_config({"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+            ...     "n_head": 2, "vocab_size": 20, "n_positions": 8})
+            >>> model.tokenizer()
+            Traceback (most recent call last):
+            ...
+            ValueError: this model was not loaded from disk, so it has no tokenizer
+        """
         if self.source is None:
             raise ValueError("this model was not loaded from disk, so it has no tokenizer")
         return load_tokenizer(self.source)
@@ -145,6 +111,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     path to a checkpoint directory / config.json.
 
     Example:
+        >>> from lora_jax.models import config_to_dict
         >>> config_to_dict({"model_type": "gpt2", "n_embd": 32})["n_embd"]
         32
     """
@@ -152,8 +119,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         return dict(config)
     if isinstance(config, (str, Path)):
         path = Path(config)
-        path = path / "config.json" if path.is_dir() else path
-        return json.loads(path.read_text())
+        return read_json_object(path / "config.json" if path.is_dir() else path)
     if hasattr(config, "to_dict"):
         return config.to_dict()
     raise TypeError(
@@ -161,10 +127,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     )
 
 
-def _family(config: dict[str, Any]) -> _Family:
+def _family(config: dict[str, Any]) -> ModelFamily:
     model_type = config.get("model_type")
-    if model_type not in _FAMILIES:
-        raise ValueError(
+    if model_type is None:
+        raise ModelLoadError(
+            f"the config has no model_type; expected one of {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
+        raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
         )
     return _FAMILIES[model_type]
@@ -196,6 +166,7 @@ def build_module(
         architecture: e.g. "BertForSequenceClassification"; default from the config.
 
     Example:
+        >>> from lora_jax.models import build_module
         >>> module = build_module({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50})
         >>> type(module).__name__
@@ -206,14 +177,9 @@ def build_module(
     # Accept "bfloat16", np.float32, jnp.bfloat16 alike; module fields must be hashable.
     dtype = jnp.dtype(dtype)
     compute_dtype = dtype if compute_dtype is None else jnp.dtype(compute_dtype)
-    return family.build(
-        config,
-        dtype=compute_dtype,
-        param_dtype=dtype,
-        scan_layers=scan_layers,
-        architecture=_architecture(config, architecture),
-        **options,
-    )
+    settings = BuildSettings(dtype=compute_dtype, param_dtype=dtype, scan_layers=scan_layers,
+                             architecture=_architecture(config, architecture))
+    return family.build(config, settings, **options)
 
 
 def from_config(
@@ -229,6 +195,7 @@ def from_config(
     ``initializer_range``), norm scales one, biases zero; same ``seed``, same params.
 
     Example:
+        >>> from lora_jax.models import from_config
         >>> model = from_config({"model_type": "llama", "hidden_size": 32,
         ...     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         ...     "vocab_size": 50})
@@ -236,13 +203,8 @@ def from_config(
         (32, 32)
     """
     config = config_to_dict(config)
-    module = build_module(
-        config,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        scan_layers=scan_layers,
-        architecture=architecture,
-    )
+    module = build_module(config, dtype=dtype, compute_dtype=compute_dtype,
+                          scan_layers=scan_layers, architecture=architecture)
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), *_family(config).dummy_inputs())
     )["params"]
@@ -281,49 +243,16 @@ def _candidate_names(name: str, prefix: str) -> list[str]:
     return names
 
 
-class _SafetensorsCheckpoint:
-    """Tensors of one or several (sharded) safetensors files, read as numpy on demand."""
-
-    def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
-        self._handles = [safe_open(str(f), framework="np") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> np.ndarray:
-        return self._where[name].get_tensor(name)
-
-
-def _checkpoint_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        return files
-    raise FileNotFoundError(
-        f"{directory} has config.json but no weights: expected model.safetensors, "
-        "model.safetensors.index.json (sharded) or *.safetensors (PyTorch .bin files are "
-        "not supported; convert them with transformers' save_pretrained)"
-    )
-
-
 def _load_params(
     module: nn.Module,
-    family: _Family,
+    family: ModelFamily,
     checkpoint: Any,
     dtype: Dtype,
     source: str,
 ) -> Params:
-    """Params for ``module`` filled from ``checkpoint`` (``keys()`` / ``get(name)`` in
-    torch layout), with every shape checked against what the module expects."""
+    """Params for ``module`` filled from ``checkpoint`` (``keys()``, ``get(name)`` in
+    torch layout and ``describe(name)`` for errors), with every shape checked against
+    what the module expects."""
     expected = jax.eval_shape(lambda: module.init(jax.random.key(0), *family.dummy_inputs()))[
         "params"
     ]
@@ -337,17 +266,22 @@ def _load_params(
         )
         if found is None:
             sample = sorted(available)[:5]
-            raise KeyError(
+            raise MissingTensorError(
                 f"{source}: no tensor {name!r} (param {'.'.join(path)}, shape {shape}) in the "
                 f"checkpoint; it has {len(available)} tensors, e.g. {sample}"
             )
         used.add(found)
         array = checkpoint.get(found)
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise ModelLoadError(
+                f"{source}: tensor {checkpoint.describe(found)} has dtype {array.dtype}; "
+                f"expected floating-point weights (param {'.'.join(path)})"
+            )
         transpose = path[-1] == "kernel" and family.transposed(path)
         torch_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         if tuple(array.shape) != torch_shape:
-            raise ValueError(
-                f"{source}: tensor {found!r} has shape {tuple(array.shape)}, expected "
+            raise ModelLoadError(
+                f"{source}: tensor {checkpoint.describe(found)} has shape {tuple(array.shape)}, expected "
                 f"{torch_shape} (param {'.'.join(path)} of shape {tuple(shape)})"
             )
         return array.T if transpose else array
@@ -408,9 +342,20 @@ def from_pretrained(
         ``Model(module, params, config, source)``.
 
     Example:
-        >>> model = from_pretrained("/models/SmolLM2-135M-Instruct")  # doctest: +SKIP
-        >>> model(jnp.array([[1, 2, 3]])).shape  # doctest: +SKIP
-        (1, 3, 49152)
+        >>> import tempfile
+        >>> from lora_jax import models
+        >>> tiny = models.from_config({"model_type": "llama", "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        ...     "vocab_size": 30})
+        >>> path = models.save_pretrained(tempfile.mkdtemp(), tiny.config, tiny.params)
+        >>> model = models.from_pretrained(path, scan_layers=True)
+        >>> model.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape
+        (2, 16, 16)
+        >>> model([[1, 2, 3]]).shape
+        (1, 3, 30)
+
+    With a real checkpoint: ``models.from_pretrained("/models/SmolLM2-135M-Instruct")``
+    or ``models.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")``.
     """
     path = Path(path)
     if not path.exists():
@@ -418,52 +363,68 @@ def from_pretrained(
     gguf_file = _find_gguf(path)
     if gguf_file is not None:
         config, checkpoint = read_gguf(gguf_file)
-        source = str(gguf_file)
+        source = config_source = str(gguf_file)
+        family = _family(config)
     elif path.is_dir() and (path / "config.json").is_file():
+        refuse_remote_code(path)
         config = config_to_dict(path)
-        _family(config)  # an unsupported model_type is the clearer error; raise it first
-        checkpoint = _SafetensorsCheckpoint(_checkpoint_files(path))
-        source = str(path)
+        source, config_source = str(path), str(path / "config.json")
+        # An unsupported model_type is the clearer error; raise it before reading weights.
+        family = _with_source(config_source, _family, config)
+        checkpoint = SafetensorsCheckpoint(checkpoint_files(path))
     else:
         raise FileNotFoundError(
             f"{path} is not a model: expected a directory with config.json and "
             "model.safetensors (or model.safetensors.index.json), or a .gguf file"
         )
-    family = _family(config)
-    options = {}
-    if config.get("model_type") == "bert":
-        # Checkpoints of BERT heads other than the classifier may lack the pooler.
-        keys = set(checkpoint.keys())
-        options["add_pooling_layer"] = bool(
-            {"pooler.dense.weight", "bert.pooler.dense.weight"} & keys
-        )
-    module = build_module(
-        config,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        scan_layers=scan_layers,
-        architecture=architecture,
-        **options,
-    )
+    options = family.build_options(checkpoint.keys())
+    module = _with_source(config_source, functools.partial(
+        build_module, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+        architecture=architecture, **options), config)
     params = _load_params(module, family, checkpoint, module.param_dtype, source)
     return Model(module, params, config, source)
+
+
+def _with_source(source: str, build: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """``build(config)``, with the file the config came from at the front of a config error."""
+    try:
+        return build(config)
+    except ModelLoadError as err:
+        if str(err).startswith(source):
+            raise
+        raise type(err)(f"{source}: {err}") from None
 
 
 def load_tokenizer(source: str | Path) -> Any:
     """The transformers ``AutoTokenizer`` of a checkpoint directory or GGUF file (offline).
 
+    A directory (or the GGUF file's directory) whose ``config.json`` or
+    ``tokenizer_config.json`` has an ``auto_map`` is refused: its tokenizer is code.
+
     Example:
-        >>> tokenizer = load_tokenizer("/models/SmolLM2.Q4_1.gguf")  # doctest: +SKIP
+        >>> import json, pathlib, tempfile
+        >>> from tokenizers import Tokenizer, models as bpe
+        >>> from lora_jax.models import load_tokenizer
+        >>> directory = pathlib.Path(tempfile.mkdtemp())
+        >>> Tokenizer(bpe.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")])).save(
+        ...     str(directory / "tokenizer.json"))
+        >>> _ = (directory / "tokenizer_config.json").write_text(
+        ...     json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+        >>> load_tokenizer(directory)("ab")["input_ids"]
+        [2]
+
+    A GGUF file carries its tokenizer: ``load_tokenizer("SmolLM2.Q4_1.gguf")``.
     """
     from transformers import AutoTokenizer
 
     path = Path(source)
     gguf_file = _find_gguf(path)
+    directory = gguf_file.parent if gguf_file is not None else path
+    refuse_remote_code(directory)  # transformers would otherwise ask on stdin
+    options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True
-        )
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        options["gguf_file"] = gguf_file.name
+    return AutoTokenizer.from_pretrained(str(directory), **options)
 
 
 # --------------------------------------------------------------------------- export
@@ -482,6 +443,7 @@ def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
     Scanned layers are unstacked; tied LM heads are left out (transformers re-ties them).
 
     Example:
+        >>> from lora_jax.models import from_config, to_hf_state_dict
         >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
         >>> state = to_hf_state_dict(model.config, model.params)
@@ -503,13 +465,6 @@ def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
     return state
 
 
-def _saved_architecture(config: dict[str, Any], params: Params) -> str:
-    family = _family(config)
-    if family.causal_lm_architecture is not None:
-        return family.causal_lm_architecture
-    return "BertForSequenceClassification" if "classifier" in params else "BertModel"
-
-
 def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that transformers loads.
 
@@ -517,9 +472,11 @@ def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     ``architectures`` and ``dtype`` matching ``params``.
 
     Example:
+        >>> import tempfile
+        >>> from lora_jax.models import from_config, save_pretrained
         >>> model = from_config({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
         ...     "n_head": 4, "vocab_size": 50, "n_positions": 16})
-        >>> import tempfile; out = save_pretrained(tempfile.mkdtemp(), model.config, model.params)
+        >>> out = save_pretrained(tempfile.mkdtemp(), model.config, model.params)
         >>> sorted(p.name for p in out.iterdir())
         ['config.json', 'model.safetensors']
     """
@@ -530,7 +487,7 @@ def save_pretrained(path: str | Path, config: Any, params: Params) -> Path:
     config = config_to_dict(config)
     params = _unwrap(params)
     state = to_hf_state_dict(config, params)
-    config["architectures"] = [_saved_architecture(config, params)]
+    config["architectures"] = [_family(config).architecture(config["model_type"], params)]
     float_dtypes = {
         str(a.dtype)
         for a in state.values()

@@ -1,44 +1,16 @@
-"""Sharding for LoRA: put the frozen params, the adapter and its optimizer state on a mesh.
+"""Layouts: device meshes and the ``PartitionSpec`` of every frozen param, adapter leaf
+and optimizer-state leaf.
 
-The frozen params get their layout from a preset strategy (data parallel, FSDP,
-tensor parallel, or FSDP x TP) plus optional user rules; the adapter follows
-the params: A takes W's layout on its stacked-layer and input axes, B on its
-stacked-layer and output axes, and the rank axis is always replicated. The
-optimizer state follows the adapter. Everything works on shapes, so it runs on
-``jax.ShapeDtypeStruct`` trees for models too big to hold on one host::
-
-    mesh = make_mesh(data=2, model=4)                      # 8 devices, 2 x 4
-    shardings = train_shardings(config, params, optimizer, mesh, strategy="fsdp_tp")
-    params, adapter, opt_state = shard_train_state(config, params, optimizer, shardings,
-                                                   key=jax.random.key(0))
-    step = make_sharded_step(loss_fn, optimizer, shardings)
-    adapter, opt_state, loss = step(params, adapter, opt_state,
-                                    shard_batch(batch, shardings.batch))
-
-Strategies (``param_specs``):
-
-- ``"dp"``: every parameter replicated; only the batch is split.
-- ``"fsdp"``: each parameter split over the data axis on its largest axis that
-  the axis size divides (a stacked layer axis is never split).
-- ``"tp"``: Megatron-style tensor parallelism over the model axis: the output
-  axis of column-parallel projections (``q/k/v/gate/up_proj``, ``lm_head``
-  and their biases), the input axis of row-parallel ones (``o_proj``,
-  ``down_proj``), the vocabulary axis of embedding tables; the rest is
-  replicated. On a ``(data, model)`` mesh this is DP x TP.
-- ``"fsdp_tp"``: ``"tp"`` on the model axis, then FSDP on the data axis.
-
-An axis that the mesh axis size does not divide is replicated instead, so no
-layout ever fails inside XLA.
+Everything here works on shapes, so it runs on ``jax.ShapeDtypeStruct`` trees for
+models too big to hold on one host, and on ``AbstractMesh``es, which need no devices.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -48,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lora_jax.config import LoraConfig
 from lora_jax.init import init
-from lora_jax.merge import merge
 from lora_jax.tree import Adapter, find_targets, named_leaves
 
 Strategy = Literal["dp", "fsdp", "tp", "fsdp_tp"]
@@ -82,10 +53,19 @@ def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[Any] | None =
               data_axis: str = "data", model_axis: str = "model") -> Mesh:
     """A ``(data, model)`` device mesh with ``Auto`` axis types.
 
-    Example::
+    Example:
+        >>> import jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])  # all given devices on data
+        >>> dict(mesh.shape), mesh.axis_types
+        ({'data': 1, 'model': 1}, (Auto, Auto))
+        >>> sharding.make_mesh(data=2, model=4, devices=jax.devices()[:1])
+        Traceback (most recent call last):
+        ...
+        ValueError: A 2 x 4 mesh needs 8 devices; 1 given.
 
-        mesh = make_mesh(data=2, model=4)   # 8 devices: 2-way data, 4-way model
-        mesh = make_mesh()                  # every device on the data axis, model = 1
+    On 8 devices ``make_mesh(data=2, model=4)`` is 2-way data by 4-way model, and
+    ``make_mesh()`` puts every device on the data axis.
 
     ``-1`` for ``data`` takes every device that ``model`` leaves. ``Auto`` axes
     let XLA choose the layout of intermediates; ``jax.make_mesh``'s default
@@ -126,11 +106,16 @@ def param_specs(params: Any, mesh: Any, strategy: Strategy = "fsdp",
                 data_axis: AxisName = "data", model_axis: str = "model") -> Any:
     """A ``PartitionSpec`` for every leaf of ``params`` (a pytree like ``params``).
 
-    Example::
-
-        specs = param_specs(params, make_mesh(data=2, model=4), "fsdp_tp")
-        specs["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
-        # PartitionSpec('data', 'model'): input axis over data, output over model
+    Example:
+        >>> import jax, numpy as np
+        >>> from lora_jax import sharding
+        >>> kernel = jax.ShapeDtypeStruct((64, 64), np.float32)  # shapes only
+        >>> params = {"layers": {"0": {"q_proj": {"kernel": kernel}, "o_proj": {"kernel": kernel}}}}
+        >>> specs = sharding.param_specs(params, {"data": 2, "model": 4}, "fsdp_tp")
+        >>> specs["layers"]["0"]["q_proj"]["kernel"]  # input over data, output over model
+        P('data', 'model')
+        >>> specs["layers"]["0"]["o_proj"]["kernel"]  # row-parallel: input over model
+        P('model', 'data')
 
     Args:
         params: the frozen params, arrays or ``jax.ShapeDtypeStruct`` (shapes only).
@@ -181,10 +166,16 @@ def param_shardings(params: Any, mesh: Mesh, strategy: Strategy = "fsdp",
                     data_axis: AxisName = "data", model_axis: str = "model") -> Any:
     """:func:`param_specs` as ``NamedSharding``s on ``mesh``.
 
-    Example::
-
-        shardings = param_shardings(params, make_mesh(), "fsdp", config=config)
-        params = shard(params, shardings)
+    Example:
+        >>> import jax, numpy as np
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"q_proj": {"kernel": np.zeros((64, 32), np.float32)}}
+        >>> shardings = sharding.param_shardings(params, mesh, "fsdp")
+        >>> shardings["q_proj"]["kernel"].spec
+        P('data', None)
+        >>> sharding.shard(params, shardings)["q_proj"]["kernel"].sharding.spec
+        P('data', None)
     """
     _check_auto_axes(mesh)
     specs = param_specs(params, mesh, strategy, rules, config=config, data_axis=data_axis,
@@ -300,11 +291,16 @@ def _fit_rule(pattern: str, spec: Any, full_name: str, shape: tuple[int, ...],
 def adapter_shardings(config: LoraConfig, params: Any, params_shardings: Any = None) -> Any:
     """The adapter's layout derived from the kernels' (a pytree like the adapter).
 
-    Example::
-
-        shardings = param_shardings(params, mesh, "tp")
-        adapter_shardings(config, params, shardings)["model.layers.0.self_attn.q_proj"]
-        # {"lora_A": NamedSharding(P(None, None)), "lora_B": NamedSharding(P(None, "model"))}
+    Example:
+        >>> import jax, numpy as np, lora_jax
+        >>> from jax.sharding import AbstractMesh, AxisType
+        >>> from lora_jax import sharding
+        >>> mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+        >>> params = {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 64), np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> specs = sharding.param_specs(params, mesh, "tp", config=config)
+        >>> sharding.adapter_shardings(config, params, specs)
+        {'q_proj': {'lora_A': P(None, None), 'lora_B': P(None, 'model')}}
 
     For a kernel of layout ``lead + in + out``, A ``lead + in + (r,)`` gets
     ``P(*lead, *in, None)`` and B ``lead + (r,) + out`` gets
@@ -373,10 +369,19 @@ def optimizer_shardings(optimizer: optax.GradientTransformation, trainable: Any,
                         trainable_shardings: Any) -> Any:
     """The layout of ``optimizer.init(trainable)``: each moment like its parameter.
 
-    Example::
+    Example:
+        >>> import jax, numpy as np, optax
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from lora_jax import sharding
+        >>> adapter = {"q_proj": {"lora_A": jax.ShapeDtypeStruct((64, 4), np.float32),
+        ...                       "lora_B": jax.ShapeDtypeStruct((4, 64), np.float32)}}
+        >>> specs = {"q_proj": {"lora_A": P(None, None), "lora_B": P(None, "model")}}
+        >>> adam, _ = sharding.optimizer_shardings(optax.adam(1e-3), adapter, specs)
+        >>> adam.count, adam.mu["q_proj"]["lora_B"]
+        (P(), P(None, 'model'))
 
-        opt_shardings = optimizer_shardings(optax.adamw(1e-3), adapter, adapter_shardings(...))
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(adapter)
+    With a real mesh, ``jax.jit(optimizer.init, out_shardings=...)(adapter)`` then
+    creates the state in place.
 
     A state leaf whose key path ends with a parameter's key path and has that
     parameter's shape (Adam's ``mu`` and ``nu``, momentum, ...) gets the
@@ -418,9 +423,12 @@ def _replicated_like(shardings: Sequence[Any]) -> Any:
 def batch_sharding(mesh: Mesh, data_axis: AxisName = "data") -> NamedSharding:
     """Split the leading (batch) axis over ``data_axis``; replicated if the mesh lacks it.
 
-    Example::
-
-        batch = shard_batch({"input_ids": ids}, batch_sharding(mesh))
+    Example:
+        >>> import jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> sharding.batch_sharding(mesh).spec, sharding.batch_sharding(mesh, "fsdp").spec
+        (P('data',), P())
     """
     sizes = _axis_sizes(mesh)
     if all(name in sizes for name in _names(data_axis)):
@@ -431,7 +439,13 @@ def batch_sharding(mesh: Mesh, data_axis: AxisName = "data") -> NamedSharding:
 # -- the training state on a mesh -------------------------------------------------------------
 
 class TrainShardings(NamedTuple):
-    """Where each part of a LoRA training state lives (pytrees of ``NamedSharding``)."""
+    """Where each part of a LoRA training state lives (pytrees of ``NamedSharding``).
+
+    Example:
+        >>> from lora_jax import sharding
+        >>> sharding.TrainShardings._fields
+        ('params', 'adapter', 'opt_state', 'batch')
+    """
 
     params: Any
     adapter: Any
@@ -445,9 +459,15 @@ def train_shardings(config: LoraConfig, params: Any, optimizer: optax.GradientTr
                     model_axis: str = "model") -> TrainShardings:
     """Layouts of the frozen params, the adapter, its optimizer state and the batch.
 
-    Example::
-
-        shardings = train_shardings(config, params, optax.adamw(1e-3), make_mesh(), "fsdp")
+    Example:
+        >>> import jax, numpy as np, optax, lora_jax
+        >>> from lora_jax import sharding
+        >>> mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        >>> params = {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 32), np.float32)}}
+        >>> config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"])
+        >>> shardings = sharding.train_shardings(config, params, optax.adamw(1e-3), mesh, "fsdp")
+        >>> shardings.adapter["q_proj"]["lora_A"].spec, shardings.batch.spec
+        (P('data', None), P('data',))
 
     ``params`` (and ``adapter``, if given; else the adapter :func:`lora_jax.init`
     would make) may be ``jax.ShapeDtypeStruct``s. See :func:`param_specs` for
@@ -460,242 +480,3 @@ def train_shardings(config: LoraConfig, params: Any, optimizer: optax.GradientTr
         adapter = jax.eval_shape(lambda: init(config, params, jax.random.key(0)))
     o = optimizer_shardings(optimizer, adapter, a)
     return TrainShardings(params=p, adapter=a, opt_state=o, batch=batch_sharding(mesh, data_axis))
-
-
-def shard(tree: Any, shardings: Any) -> Any:
-    """Place ``tree`` by ``shardings`` (a pytree like it, or one ``Sharding`` for all).
-
-    Example::
-
-        params = shard(params, param_shardings(params, mesh, "fsdp"))
-
-    Host values (numpy, or arrays on one local device) are cut into the
-    shards this process owns, so on several hosts each process passes the
-    same full value and only its part is transferred. Arrays already spread
-    over the mesh are resharded with ``jax.device_put``.
-    """
-    def put(x: Any, sharding: Sharding) -> Any:
-        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-            return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    if isinstance(shardings, Sharding):
-        return jax.tree.map(lambda x: put(x, shardings), tree)
-    return jax.tree.map(put, tree, shardings)
-
-
-def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
-    """Global arrays from this process's rows of the batch (every leaf split on axis 0).
-
-    Example::
-
-        batch = shard_batch({"input_ids": local_ids}, shardings.batch)
-
-    With one process ``batch`` is the whole batch; with several, each passes
-    its own consecutive rows (process ``i`` holds rows ``i*n .. (i+1)*n - 1``
-    of the global batch when the data axis runs across processes in order).
-    """
-    spec = sharding.spec
-    data_size = _size(spec[0], _axis_sizes(sharding.mesh)) if len(spec) else 1
-
-    def put(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        if jax.process_count() == 1 and (x.ndim == 0 or x.shape[0] % data_size):
-            raise ValueError(
-                f"A batch leaf of shape {x.shape} cannot be split over the data axis of size "
-                f"{data_size}; use a batch size that is a multiple of {data_size}."
-            )
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(put, batch)
-
-
-def shard_train_state(config: LoraConfig, params: Any, optimizer: optax.GradientTransformation,
-                      shardings: TrainShardings, *, key: jax.Array | None = None,
-                      adapter: Adapter | None = None) -> tuple[Any, Adapter, Any]:
-    """``(params, adapter, opt_state)`` placed on the mesh by ``shardings``.
-
-    Example::
-
-        params, adapter, opt_state = shard_train_state(config, params, optimizer, shardings,
-                                                       key=jax.random.key(0))
-
-    Give ``key`` to make a fresh adapter (``lora_jax.init``), created directly
-    in its shards, or ``adapter`` to place an existing one. The optimizer
-    state is created in place from the sharded adapter.
-    """
-    if (key is None) == (adapter is None):
-        raise ValueError("Pass exactly one of key= (a fresh adapter) or adapter= (an existing one).")
-    params = shard(params, shardings.params)
-    if adapter is None:
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        adapter = jax.jit(lambda k: init(config, shapes, k), out_shardings=shardings.adapter)(key)
-    else:
-        adapter = shard(adapter, shardings.adapter)
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(adapter)
-    return params, adapter, opt_state
-
-
-def make_sharded_step(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
-                      shardings: TrainShardings, *, has_aux: bool = False,
-                      donate: bool = True) -> Callable[..., Any]:
-    """A jitted train step over the adapter with the layouts of ``shardings``.
-
-    Example::
-
-        apply = lora_jax.lora(model.apply, config)
-
-        def loss_fn(params, adapter, batch):
-            logits = apply(params, adapter, batch["input_ids"])
-            return cross_entropy(logits, batch["labels"])
-
-        step = make_sharded_step(loss_fn, optimizer, shardings)
-        adapter, opt_state, loss = step(params, adapter, opt_state, batch)
-
-    The step is ``step(params, adapter, opt_state, batch, rng=None)`` and
-    returns ``(adapter, opt_state, loss)``, plus ``aux`` with ``has_aux``.
-    ``loss_fn(params, adapter, batch)`` returns the mean loss (or
-    ``(loss, aux)``); when the step gets an ``rng`` (for LoRA dropout) it is
-    called as ``loss_fn(params, adapter, batch, rng)``. Inputs must already
-    be laid out as ``shardings`` says (:func:`shard_train_state`,
-    :func:`shard_batch`); the loss and ``aux`` come back replicated, so every
-    process can read them. With ``donate`` the old adapter and optimizer
-    state buffers are reused for the new ones.
-    """
-    replicated = NamedSharding(shardings.batch.mesh, PartitionSpec())
-
-    def train_step(params: Any, adapter: Adapter, opt_state: Any, batch: Any,
-                   rng: jax.Array | None) -> tuple[Any, ...]:
-        def loss_of(adapter: Adapter) -> tuple[Any, Any]:
-            args = (params, adapter, batch) if rng is None else (params, adapter, batch, rng)
-            out = loss_fn(*args)
-            return out if has_aux else (out, None)
-
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(adapter)
-        updates, opt_state = optimizer.update(grads, opt_state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-        return (adapter, opt_state, loss, aux) if has_aux else (adapter, opt_state, loss)
-
-    outs = (shardings.adapter, shardings.opt_state, replicated) + ((replicated,) if has_aux else ())
-    jitted = jax.jit(
-        train_step,
-        in_shardings=(shardings.params, shardings.adapter, shardings.opt_state, shardings.batch,
-                      None),
-        out_shardings=outs,
-        donate_argnums=(1, 2) if donate else (),
-    )
-
-    def step(params: Any, adapter: Adapter, opt_state: Any, batch: Any,
-             rng: jax.Array | None = None) -> tuple[Any, ...]:
-        return jitted(params, adapter, opt_state, batch, rng)
-
-    # step.lower(...).compile().memory_analysis() and friends, as on a jitted function.
-    step.lower = lambda params, adapter, opt_state, batch, rng=None: jitted.lower(  # type: ignore[attr-defined]
-        params, adapter, opt_state, batch, rng)
-    return step
-
-
-def sharded_merge(params: Any, adapter: Adapter, config: LoraConfig, shardings: Any = None, *,
-                  donate: bool = True) -> Any:
-    """:func:`lora_jax.merge` on the mesh: each merged kernel keeps W's sharding.
-
-    Example::
-
-        merged = sharded_merge(params, adapter, config)   # params are donated
-        logits = jax.jit(model.apply)(merged, tokens)
-
-    ``shardings`` (a pytree like ``params``) defaults to the params' own.
-    With ``donate`` (the default) the old params' buffers are reused, so
-    merging needs no second copy of the model, and ``params`` must not be
-    used afterwards.
-    """
-    if shardings is None:
-        shardings = jax.tree.map(lambda x: x.sharding, params)
-    merge_fn = jax.jit(lambda p, a: merge(p, a, config), out_shardings=shardings,
-                       donate_argnums=(0,) if donate else ())
-    return merge_fn(params, adapter)
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-
-def save_sharded(directory: str | os.PathLike[str], tree: Any) -> None:
-    """Save a pytree of (sharded) arrays with orbax; each process writes its own shards.
-
-    Example::
-
-        save_sharded("/ckpt/step_100", {"adapter": adapter, "opt_state": opt_state})
-
-    Every process must call it with the same directory. An existing
-    checkpoint there is replaced. Returns when the write is complete.
-    """
-    import orbax.checkpoint as ocp  # orbax is slow to import; only checkpoints need it
-
-    path = Path(directory).absolute()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, tree, force=True)
-        checkpointer.wait_until_finished()
-
-
-def checkpoint_shapes(directory: str | os.PathLike[str]) -> Any:
-    """The saved tree as ``jax.ShapeDtypeStruct``s (named tuples come back as dicts).
-
-    Example::
-
-        shapes = checkpoint_shapes("/ckpt/params")
-        params = restore_sharded("/ckpt/params", param_shardings(shapes, mesh, "fsdp"))
-    """
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(Path(directory).absolute()).item_metadata.tree
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), metadata)
-
-
-def restore_sharded(directory: str | os.PathLike[str], target: Any) -> Any:
-    """Read a :func:`save_sharded` checkpoint onto any mesh (each process reads its shards).
-
-    Example::
-
-        params = restore_sharded(path, param_shardings(params_shapes, new_mesh, "fsdp"))
-        adapter = restore_sharded(path, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-
-    ``target`` is a pytree like the saved one with a ``Sharding`` at each
-    leaf (shapes and dtypes come from the checkpoint), or with
-    ``jax.ShapeDtypeStruct``s that carry a ``sharding`` (which may change the
-    dtype), or a single ``Sharding`` for every leaf. The mesh may differ from
-    the one the checkpoint was saved from, in shape and in size.
-    """
-    import orbax.checkpoint as ocp
-
-    path = Path(directory).absolute()
-    with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.metadata(path).item_metadata.tree
-        if isinstance(target, Sharding):
-            abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=target), saved)
-        else:
-            abstract = _abstract_target(target, saved, path)
-        return checkpointer.restore(path, abstract)
-
-
-def _abstract_target(target: Any, saved: Any, path: Path) -> Any:
-    saved_by_name = {_key_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-
-    def abstract(key_path: tuple[Any, ...], leaf: Any) -> jax.ShapeDtypeStruct:
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            if leaf.sharding is None:
-                raise ValueError(f"restore target {'.'.join(_key_names(key_path))} has no sharding.")
-            return leaf
-        names = _key_names(key_path)
-        if names not in saved_by_name:
-            raise ValueError(
-                f"restore target {'.'.join(names)} is not in the checkpoint at {path}; it holds "
-                f"{', '.join('.'.join(n) for n in list(saved_by_name)[:8])}"
-                + (" ..." if len(saved_by_name) > 8 else "") + "."
-            )
-        meta = saved_by_name[names]
-        return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=leaf)
-
-    return jax.tree_util.tree_map_with_path(
-        abstract, target, is_leaf=lambda x: isinstance(x, (Sharding, jax.ShapeDtypeStruct)))

@@ -1,0 +1,319 @@
+"""Linen blocks shared by the model families: self-attention, MLPs and the layer stack.
+
+A family is its config, its decoder (or encoder) layer and its top-level model; the
+pieces in between come from here, each configured by a small frozen dataclass that
+the family config builds (``LlamaConfig.attention`` is an :class:`AttentionConfig`).
+Param names are fields of those configs, so the trees still mirror each family's
+PyTorch module names.
+
+A layer in a stack is called as ``layer(x, layer_cache, *args) -> (x, layer_cache)``;
+``layer_cache`` is None without a KV cache (and always for encoders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .layers import Dtype, RMSNorm, activation, attend, dense_init
+
+# ------------------------------------------------------------------------ base module
+
+
+class ConfigModule(nn.Module):
+    """A linen module built from one frozen config, with compute and param dtypes.
+
+    ``config`` must have ``initializer_range`` (the std of random kernels). The helpers
+    create children with this module's dtypes; call them from a compact ``__call__``
+    or from ``setup``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.blocks import ConfigModule, MLPConfig
+        >>> class TinyLM(ConfigModule):
+        ...     @nn.compact
+        ...     def __call__(self, ids):
+        ...         x = self.embed(10, 4, "wte")(ids)                      # (vocab, dim) table
+        ...         x = self.layer_norm(1e-5, "ln")(x) + self.rms_norm(1e-6, "norm")(x)
+        ...         return self.dense(10, "lm_head", use_bias=False)(x)    # (dim, vocab) kernel
+        >>> model = TinyLM(MLPConfig(8, 4, "relu"), param_dtype=jnp.bfloat16)
+        >>> logits, params = jax.eval_shape(model.init_with_output, jax.random.key(0),
+        ...                                 jnp.zeros((1, 3), jnp.int32))
+        >>> logits.shape, jax.tree.map(jnp.shape, params["params"])  # doctest: +NORMALIZE_WHITESPACE
+        ((1, 3, 10), {'lm_head': {'kernel': (4, 10)}, 'ln': {'bias': (4,), 'scale': (4,)},
+                      'norm': {'scale': (4,)}, 'wte': {'embedding': (10, 4)}})
+        >>> params["params"]["wte"]["embedding"].dtype, model.kw["param_dtype"]
+        (dtype(bfloat16), <class 'jax.numpy.bfloat16'>)
+    """
+
+    config: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def kw(self) -> dict[str, Dtype]:
+        """``dtype`` and ``param_dtype``, to pass on to a child ``ConfigModule`` (see the
+        class example)."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype}
+
+    def dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
+        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``) (see the
+        class example)."""
+        return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init(
+            self.config.initializer_range), name=name, **self.kw)
+
+    def layer_norm(self, eps: float, name: str | None) -> nn.LayerNorm:
+        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias`` (see the
+        class example)."""
+        return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name, **self.kw)
+
+    def rms_norm(self, eps: float, name: str | None) -> RMSNorm:
+        """Llama's RMSNorm, statistics in float32 (see the class example)."""
+        return RMSNorm(eps, name=name, **self.kw)
+
+    def embed(self, num_embeddings: int, features: int, name: str | None) -> nn.Embed:
+        """An embedding table, init normal(0, ``config.initializer_range``) (see the class
+        example)."""
+        return nn.Embed(num_embeddings, features, embedding_init=dense_init(
+            self.config.initializer_range), name=name, **self.kw)
+
+
+# ------------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """What a :class:`SelfAttention` computes: heads, widths, biases and param names.
+
+    Example:
+        >>> from lora_jax.models.blocks import AttentionConfig
+        >>> AttentionConfig(num_heads=8, num_kv_heads=2, head_dim=16, features=128).names
+        ('q_proj', 'k_proj', 'v_proj', 'o_proj')
+
+    Attributes:
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer than queries).
+        head_dim: width of one head.
+        features: width of the output projection; None for none (BERT's output
+            projection belongs to another module).
+        qkv_bias, out_bias: whether the q/k/v and the output projections have a bias.
+        names: param names of the q, k, v and output projections.
+        scale: multiplier of the scores; None for ``head_dim ** -0.5``.
+        initializer_range: std of random kernels.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    features: int | None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    scale: float | None = None
+    initializer_range: float = 0.02
+
+
+class SelfAttention(ConfigModule):
+    """Self-attention with separate q/k/v projections, grouped-query heads, optional
+    RoPE and KV cache; ``__call__`` returns ``(output, layer_cache)``.
+
+    Args of ``__call__``:
+        x: (batch, seq, dim).
+        mask: boolean, broadcastable to (batch, 1, seq, keys); True = attend.
+        rope: ``(cos, sin)`` from ``rope_angles``, or None for no rotary embedding.
+        layer_cache: ``{"k", "v"}`` of this layer, or None; with one, this call's keys
+            and values are written at slot ``index`` and the keys are every cache slot.
+        index: the cache slot of this call's first token.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.blocks import AttentionConfig, SelfAttention
+        >>> attention = SelfAttention(AttentionConfig(4, 2, 8, features=32))
+        >>> x = jnp.ones((1, 5, 32))
+        >>> (out, _), params = jax.eval_shape(attention.init_with_output, jax.random.key(0), x, None)
+        >>> out.shape, params["params"]["k_proj"]["kernel"].shape
+        ((1, 5, 32), (32, 16))
+    """
+
+    config: AttentionConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, rope: Any = None,
+                 layer_cache: dict[str, jax.Array] | None = None,
+                 index: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q_name, k_name, v_name, out_name = cfg.names
+        heads = {q_name: cfg.num_heads, k_name: cfg.num_kv_heads, v_name: cfg.num_kv_heads}
+        q, k, v = [
+            self.dense(n * cfg.head_dim, name, cfg.qkv_bias)(x).reshape(
+                batch, seq, n, cfg.head_dim)
+            for name, n in heads.items()
+        ]
+        scale = cfg.head_dim**-0.5 if cfg.scale is None else cfg.scale
+        out, layer_cache = attend(q, k, v, mask, scale=scale, rope=rope,
+                                  layer_cache=layer_cache, index=index)
+        if cfg.features is not None:
+            out = self.dense(cfg.features, out_name, cfg.out_bias)(out)
+        return out, layer_cache
+
+
+# ------------------------------------------------------------------------------- MLP
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """What an :class:`MLP` computes: widths, activation, bias and param names.
+
+    Three ``names`` make a gated MLP, ``down(act(gate(x)) * up(x))`` (Llama); two a
+    plain one, ``out(act(in(x)))`` (GPT-2).
+
+    Example:
+        >>> from lora_jax.models.blocks import MLPConfig
+        >>> MLPConfig(intermediate_size=64, features=16, activation="silu").gated
+        True
+    """
+
+    intermediate_size: int
+    features: int
+    activation: str
+    use_bias: bool = False
+    names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    initializer_range: float = 0.02
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP has a gate projection (three names).
+
+        Example:
+            >>> from lora_jax.models.blocks import MLPConfig
+            >>> MLPConfig(64, 16, "gelu_new", names=("c_fc", "c_proj")).gated
+            False
+        """
+        return len(self.names) == 3
+
+
+class MLP(ConfigModule):
+    """The feed-forward block: gated (``gate``, ``up``, ``down``) or plain (``in``, ``out``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.blocks import MLP, MLPConfig
+        >>> mlp = MLP(MLPConfig(64, 16, "gelu_new", use_bias=True, names=("c_fc", "c_proj")))
+        >>> out, params = jax.eval_shape(mlp.init_with_output, jax.random.key(0),
+        ...                              jnp.ones((1, 3, 16)))
+        >>> out.shape, sorted(params["params"])
+        ((1, 3, 16), ['c_fc', 'c_proj'])
+    """
+
+    config: MLPConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        act = activation(cfg.activation)
+        if cfg.gated:
+            gate, up, down = cfg.names
+            hidden = act(self.dense(cfg.intermediate_size, gate, cfg.use_bias)(x))
+            hidden = hidden * self.dense(cfg.intermediate_size, up, cfg.use_bias)(x)
+        else:
+            up, down = cfg.names
+            hidden = act(self.dense(cfg.intermediate_size, up, cfg.use_bias)(x))
+        return self.dense(cfg.features, down, cfg.use_bias)(hidden)
+
+
+# ----------------------------------------------------------------------- layer stack
+
+
+class PerLayer(tuple):
+    """A stack argument that differs by layer: layer ``i`` of an unrolled stack gets item ``i``.
+
+    Example:
+        >>> from lora_jax.models.blocks import PerLayer
+        >>> PerLayer(["full", "window"])[1]
+        'window'
+    """
+
+
+class UnrolledLayers(nn.Module):
+    """``num_layers`` copies of ``layer`` as children ``"0"``, ``"1"``, ...;
+    ``__call__(x, caches, *args)`` returns ``(x, caches)``.
+
+    ``caches`` is None or a sequence with one layer cache per layer. A layer class
+    with a ``layer_idx`` field gets its index. An argument wrapped in
+    :class:`PerLayer` gives each layer its own item; the others go to every layer.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.blocks import (MLP, MLPConfig, ConfigModule, PerLayer,
+        ...     UnrolledLayers)
+        >>> class Residual(ConfigModule):
+        ...     @nn.compact
+        ...     def __call__(self, x, layer_cache, gain):
+        ...         return x + gain * MLP(self.config, name="mlp")(x), layer_cache
+        >>> stack = UnrolledLayers(Residual, MLPConfig(8, 4, "relu"), num_layers=2)
+        >>> (out, _), params = stack.init_with_output(
+        ...     jax.random.key(0), jnp.ones((1, 4)), None, PerLayer([1.0, 0.5]))
+        >>> out.shape, sorted(params["params"])
+        ((1, 4), ['0', '1'])
+    """
+
+    layer: type[nn.Module]
+    config: Any
+    num_layers: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, caches: Sequence[Any] | None,
+                 *args: Any) -> tuple[jax.Array, tuple[Any, ...] | None]:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        with_index = "layer_idx" in {f.name for f in dataclasses.fields(self.layer)}
+        new_caches = []
+        for i in range(self.num_layers):
+            layer_args = [a[i] if isinstance(a, PerLayer) else a for a in args]
+            extra = {"layer_idx": i} if with_index else {}
+            layer = self.layer(self.config, name=str(i), **extra, **kw)
+            x, layer_cache = layer(x, None if caches is None else caches[i], *layer_args)
+            new_caches.append(layer_cache)
+        return x, None if caches is None else tuple(new_caches)
+
+
+def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: bool,
+                num_args: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                name: str | None = None) -> nn.Module:
+    """The stack of ``num_layers`` layers, unrolled or as one ``nn.scan``-ed layer.
+
+    Both are called ``stack(x, caches, *args)`` with ``num_args`` further arguments
+    and return ``(x, caches)``. Unrolled, params sit under ``"0"``, ``"1"``, ...
+    (:class:`UnrolledLayers`); scanned, the stack *is* the layer, its params gain a
+    leading layer axis, ``caches`` is one tree with a leading layer axis, and every
+    argument is the same for all layers (no :class:`PerLayer`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.blocks import MLP, MLPConfig, ConfigModule, layer_stack
+        >>> class Residual(ConfigModule):
+        ...     @nn.compact
+        ...     def __call__(self, x, layer_cache):
+        ...         return x + MLP(self.config, name="mlp")(x), layer_cache
+        >>> stack = layer_stack(Residual, MLPConfig(8, 4, "relu"), 3, scan=True, num_args=0)
+        >>> params = jax.eval_shape(stack.init, jax.random.key(0), jnp.ones((1, 4)), None)
+        >>> params["params"]["mlp"]["up_proj"]["kernel"].shape
+        (3, 4, 8)
+    """
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "name": name}
+    if not scan:
+        return UnrolledLayers(layer, config, num_layers, **kw)
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, *(nn.broadcast,) * num_args),
+        length=num_layers,
+    )(config, **kw)
