@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -148,7 +149,11 @@ class Checkpoints:
                 self._manager.close()
             except Exception:  # noqa: BLE001
                 pass
-            logging.getLogger("absl").removeFilter(self._quiet)
+            if self._failed is not None:
+                # orbax's threads are done now: remove what they may have written since the failure.
+                _remove_partial(self.directory, self._pending)
+            else:
+                logging.getLogger("absl").removeFilter(self._quiet)
 
     def meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON ``meta`` of checkpoint ``step`` (default: the latest).
@@ -322,8 +327,7 @@ class _WriteErrors:
         checkpoints = self.checkpoints
         step = checkpoints._pending
         where = checkpoints.directory / str(step) if step is not None else checkpoints.directory
-        for partial in checkpoints.directory.glob(f"{step}{_TMP_SUFFIX}*"):
-            shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written checkpoint
+        _remove_partial(checkpoints.directory, step)  # never leave a half-written checkpoint
         intact = checkpoints.all_steps()
         kept = f"checkpoint {intact[-1]} is the newest intact one" if intact else "no checkpoint is intact"
         checkpoints._failed = CheckpointError(
@@ -331,6 +335,11 @@ class _WriteErrors:
             "Free space (or fix the directory), then resume the run (lora-jax finetune --resume)."
         )
         raise checkpoints._failed from None
+
+
+def _remove_partial(directory: Path, step: int | None) -> None:
+    for partial in directory.glob(f"{step if step is not None else ''}*{_TMP_SUFFIX}*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _why_unwritable(err: BaseException) -> str:
@@ -350,6 +359,9 @@ def _why_unreadable(err: BaseException) -> str:
         return f"a file is missing: {_first_line(err)}"
     if isinstance(err, json.JSONDecodeError):
         return f"its meta file is not valid JSON ({err.msg})"
+    files = re.findall(r'local file "([^"]+)"', str(err))
+    if files:  # tensorstore: name the file, not its whole error chain
+        return f"cannot read {files[-1]}: cut short or damaged"
     return f"cannot be read: {_first_line(err)[:240]}"
 
 

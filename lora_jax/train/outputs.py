@@ -120,7 +120,7 @@ class OutputDir:
         foreign = [name for name in entries if not self._is_artifact(name)]
         if foreign and marker is None:
             raise OutputError(
-                f"{path} holds files lora_jax did not write ({foreign[0]}"
+                f"{path.absolute()} holds files lora_jax did not write ({foreign[0]}"
                 f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); refusing to "
                 "--overwrite it. Choose another --output (or empty it yourself)."
             )

@@ -126,7 +126,7 @@ def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneR
         OutputDir(output, "finetune").claim(overwrite=settings.overwrite, resume=settings.resume)
         (output / RUN_FILE).write_text(json.dumps(settings.record(), indent=2, sort_keys=True) + "\n")
         if base.unsaved:
-            base = _save_tiny(settings, output, base, say)
+            base = _save_tiny(settings, output, base)
         params = with_leaves(base.model.params, init_params)
         generator = _generator(base, lora_config, settings)
         prompts = _sample_prompts(eval_records, settings.samples, generator)
@@ -157,16 +157,16 @@ def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
     output = Path(settings.output or (TINY_OUTPUT if settings.tiny else DEFAULT_OUTPUT))
     if settings.resume and settings.overwrite:
         raise SettingsError("--resume continues the run in --output and --overwrite replaces it; pass one.")
+    holder = RunLock(output).holder() if output.is_dir() else None
+    if holder:
+        raise OutputError(f"{output} is in use by another lora-jax run (pid {holder}); wait for it to finish, "
+                          "or choose another --output.")
     saved = _saved_settings(output) if settings.resume else None
     resolved = settings.resolved(saved)
     if saved is not None:
         differ = resolved.trajectory_changes(saved)
         if differ:
             raise SettingsError(f"Cannot resume {output}: settings differ from the run's: {'; '.join(differ)}.")
-    holder = RunLock(output).holder() if output.is_dir() else None
-    if holder:
-        raise OutputError(f"{output} is in use by another lora-jax run (pid {holder}); wait for it to finish, "
-                          "or choose another --output.")
     OutputDir(output, "finetune").check(overwrite=resolved.overwrite, resume=resolved.resume)
     if resolved.model != TINY_MODEL and not Path(resolved.model).exists():
         raise ModelFilesError(f"{resolved.model}: no such model directory or file (--model; expected a Hugging "
@@ -229,6 +229,7 @@ def _load_base(settings: FinetuneSettings, output: Path, records: Sequence[Recor
         from lora_jax.train.tiny import texts_of, tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(texts_of(records))
+        say(f"model: tiny random Llama ({base_dir})")
         return _Base(tiny_model(len(tokenizer), seed=settings.seed), tokenizer, unsaved=True)
     t0 = time.perf_counter()
     model = load_model(settings.model, dtype=settings.dtype)
@@ -275,13 +276,12 @@ def _report_trainable(lora_config: LoraConfig, adapter: Any, params: Any, say: L
 
 # -- the claimed run ----------------------------------------------------------------------------
 
-def _save_tiny(settings: FinetuneSettings, output: Path, base: _Base, say: Log) -> _Base:
+def _save_tiny(settings: FinetuneSettings, output: Path, base: _Base) -> _Base:
     """Write the fresh tiny model to base_model/ and train on it as read back (in ``--dtype``)."""
     from lora_jax.train.tiny import save_tiny
 
     base_dir = save_tiny(output / BASE_MODEL_DIR, base.model, base.tokenizer)
     model = load_model(base_dir, dtype=settings.dtype)
-    say(f"model: tiny random Llama ({base_dir})")
     return _Base(model, load_tokenizer(model))
 
 
