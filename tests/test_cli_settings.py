@@ -206,3 +206,16 @@ def test_flags_build_the_same_settings_as_python(assets, tmp_path):
     config = from_python.train_config()
     assert (config.learning_rate, config.max_steps, config.seq_len) == (0.01, 30, 64)
     assert from_python.lora_config().r == 2 and from_python.lora_config().lora_alpha == 8.0
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "--temperature", "-1", "hi"], "--temperature"), (["generate", "--temperature", "nan", "hi"], "--temperature"),
+    (["generate", "--top-p", "0", "hi"], "--top-p"), (["generate", "--top-p", "1.5", "hi"], "--top-p"),
+    (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens"), (["generate", "--seed", "-3", "hi"], "--seed"),
+    (["info", "-r", "0"], "-r"), (["info", "--alpha", "inf"], "--alpha"), (["export", "run", "--output", "x", "--step", "-1"],
+                                                                        "--step"),
+])
+def test_the_other_commands_check_their_values_too(capsys, argv, flag):
+    code, _, err = run_cli(capsys, *argv)
+    line = one_line_error(err)
+    assert code == 2 and f"argument {flag}" in line and "expected" in line, line

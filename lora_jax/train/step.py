@@ -378,16 +378,15 @@ def make_eval_step(apply_fn: ApplyFn, config: LoraConfig) -> Callable[..., Any]:
         >>> from lora_jax.config import LoraConfig
         >>> from lora_jax.train.step import make_eval_step
         >>> import jax, jax.numpy as jnp, lora_jax
-        >>> params = {"embed": {"embedding": jnp.eye(4)}, "out": {"kernel": jnp.eye(4)}}
-        >>> def apply_fn(p, ids, mask):
-        ...     return jnp.take(p["embed"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
-        >>> config = LoraConfig(r=2, target_modules=["out"])
+        >>> params = {"head": {"kernel": jnp.zeros((3, 3))}}            # uniform over 3 tokens
+        >>> apply_fn = lambda p, ids, mask: jax.nn.one_hot(ids, 3) @ p["head"]["kernel"]
+        >>> config = LoraConfig(r=1, target_modules=["head"])
         >>> trainable = {"adapter": lora_jax.init(config, params, jax.random.key(0)), "params": {}}
         >>> batch = {"input_ids": jnp.array([[[0, 1, 2]]]), "attention_mask": jnp.ones((1, 1, 3), jnp.int32),
-        ...          "loss_mask": jnp.ones((1, 1, 3), bool)}
+        ...          "loss_mask": jnp.ones((1, 1, 3), bool)}                # (1, B, L)
         >>> nll, count = make_eval_step(apply_fn, config)(trainable, params, batch)
-        >>> float(count)
-        2.0
+        >>> round(float(nll / count), 4), float(count)                   # log(3) per predicted token
+        (1.0986, 2.0)
     """
     loss_fn = make_loss_fn(apply_fn, config)
 
