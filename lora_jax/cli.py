@@ -46,7 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lora-jax`` command; returns the exit status.
 
     Example:
-        >>> from lora_jax.cli import main
         >>> main(["finetune", "--lr", "-0.01"])   # refused before anything is read or written
         2
     """
@@ -77,7 +76,6 @@ def describe_error(err: BaseException) -> tuple[str, int]:
 
     Example:
         >>> import errno
-        >>> from lora_jax.cli import describe_error
         >>> describe_error(ValueError("--lr: expected a finite number > 0, got -0.01."))
         ('--lr: expected a finite number > 0, got -0.01.', 2)
         >>> describe_error(OSError(errno.ENOSPC, "No space left on device", "run/metrics.jsonl"))
@@ -98,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lora-jax`` argument parser (``finetune``'s flags come from ``FinetuneSettings``).
 
     Example:
-        >>> from lora_jax.cli import build_parser
         >>> args = build_parser().parse_args(["finetune", "--tiny", "--lr", "0.01"])
         >>> args.command, args.tiny, args.lr, args.steps    # None: the default (or the resumed run's)
         ('finetune', True, 0.01, None)
@@ -129,7 +126,6 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
 
     Example:
         >>> import argparse
-        >>> from lora_jax.cli import add_settings_arguments
         >>> from lora_jax.train import FinetuneSettings
         >>> parser = argparse.ArgumentParser()
         >>> add_settings_arguments(parser, FinetuneSettings)
@@ -169,7 +165,6 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~lora_jax.train.FinetuneSettings` of parsed ``finetune`` flags (checked).
 
     Example:
-        >>> from lora_jax.cli import settings_from_args, build_parser
         >>> settings_from_args(build_parser().parse_args(["finetune", "--tiny", "--steps", "5"])).steps
         5
     """
@@ -182,7 +177,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """``lora-jax finetune``: :func:`lora_jax.train.finetune` and its report.
 
     Example:
-        >>> from lora_jax.cli import cmd_finetune, build_parser
         >>> cmd_finetune(build_parser().parse_args(["finetune", "--steps", "0"]))
         Traceback (most recent call last):
         ...

@@ -29,7 +29,6 @@ def write_lora_adapter(directory: str | Path, adapter: Any, config: LoraConfig, 
     """A lora_jax adapter directory: orbax arrays + ``lora_config.json``.
 
     Example:
-        >>> from lora_jax.train.adapter_files import write_lora_adapter
         >>> import tempfile, numpy as np
         >>> from lora_jax import LoraConfig
         >>> adapter = {"q_proj": {"lora_A": np.ones((8, 2), np.float32), "lora_B": np.zeros((2, 8), np.float32)}}
@@ -56,7 +55,6 @@ def read_lora_adapter(directory: str | Path) -> tuple[Any, LoraConfig, dict[str,
     """``(adapter, config, trainable_params)`` of a lora_jax adapter directory.
 
     Example:
-        >>> from lora_jax.train.adapter_files import write_lora_adapter, read_lora_adapter
         >>> import tempfile, numpy as np
         >>> from lora_jax import LoraConfig
         >>> adapter = {"q_proj": {"lora_A": np.ones((8, 2), np.float32), "lora_B": np.zeros((2, 8), np.float32)}}
@@ -89,7 +87,6 @@ def lora_config_from_dict(values: dict[str, Any], where: str | Path = "lora conf
     """A :class:`LoraConfig` from its ``to_dict()`` form; a bad value names ``where``.
 
     Example:
-        >>> from lora_jax.train.adapter_files import lora_config_from_dict
         >>> lora_config_from_dict({"r": 4, "target_modules": ["q"], "unknown_key": 1}).r
         4
         >>> lora_config_from_dict({"r": "eight", "target_modules": ["q"]}, "run/lora_config.json")
@@ -120,7 +117,6 @@ def adapter_base_model(adapter_dir: str | Path) -> str | None:
     """``base_model_name_or_path`` from a PEFT config or a lora_jax adapter directory.
 
     Example:
-        >>> from lora_jax.train.adapter_files import adapter_base_model
         >>> import json, tempfile; from pathlib import Path
         >>> adapter_dir = Path(tempfile.mkdtemp())
         >>> _ = (adapter_dir / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/m"}))
@@ -139,7 +135,6 @@ def resolve_base_model(model: str | Path | None, adapter_dir: str | Path | None)
     """The base model to load: ``model`` if given, else the adapter's own, else the default one.
 
     Example:
-        >>> from lora_jax.train.adapter_files import resolve_base_model
         >>> resolve_base_model("path/to/model", None)
         PosixPath('path/to/model')
     """
@@ -162,7 +157,6 @@ def load_adapter(adapter_dir: str | Path, params: Any) -> tuple[Any, LoraConfig,
     :func:`~lora_jax.train.step.with_leaves`.
 
     Example:
-        >>> from lora_jax.train.adapter_files import write_lora_adapter, load_adapter
         >>> import tempfile, numpy as np
         >>> from lora_jax import LoraConfig
         >>> params = {"q_proj": {"kernel": np.zeros((8, 8), np.float32)}}
@@ -197,7 +191,6 @@ def read_run_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[A
     ``step`` defaults to the newest; ``run_dir`` may also be its ``checkpoints/``.
 
     Example:
-        >>> from lora_jax.train.adapter_files import read_run_checkpoint
         >>> import json, tempfile, numpy as np; from pathlib import Path
         >>> from lora_jax import LoraConfig
         >>> from lora_jax.train.checkpoint import Checkpoints

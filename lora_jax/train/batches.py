@@ -27,7 +27,6 @@ def bucket_lengths(seq_len: int, num_buckets: int = 2, multiple: int = 8) -> tup
     """Padded lengths for length bucketing: ``seq_len``, ``seq_len/2``, ... rounded up to ``multiple``.
 
     Example:
-        >>> from lora_jax.train.batches import bucket_lengths
         >>> bucket_lengths(128, 2), bucket_lengths(128, 3), bucket_lengths(20, 4)
         ((64, 128), (32, 64, 128), (8, 16, 20))
     """
@@ -42,7 +41,6 @@ class DataPosition:
     """Where a step's batch comes from: epoch and batch index within it.
 
     Example:
-        >>> from lora_jax.train.batches import DataPosition
         >>> DataPosition(epoch=1, index=3)
         DataPosition(epoch=1, index=3)
     """
@@ -56,7 +54,6 @@ class BatchLoader:
 
     Example:
         >>> from lora_jax.train.tokenize import Example
-        >>> from lora_jax.train.batches import BatchLoader
         >>> import numpy as np
         >>> examples = [Example(np.arange(2, 2 + n, dtype=np.int32), np.ones(n, bool)) for n in range(3, 13)]
         >>> loader = BatchLoader(examples, batch_size=2, seq_len=16, seed=0, pad_id=0, grad_accum=2)
@@ -96,7 +93,6 @@ class BatchLoader:
         """The epoch and batch index of global step ``step``.
 
         Example:
-            >>> from lora_jax.train.batches import BatchLoader
             >>> from lora_jax.train.tokenize import Example
             >>> import numpy as np
             >>> loader = BatchLoader([Example(np.arange(4, dtype=np.int32), np.ones(4, bool))] * 4,
@@ -110,7 +106,6 @@ class BatchLoader:
         """The batch for global step ``step``, arrays of shape ``(grad_accum, batch_size, L)``.
 
         Example:
-            >>> from lora_jax.train.batches import BatchLoader
             >>> from lora_jax.train.tokenize import Example
             >>> import numpy as np
             >>> loader = BatchLoader([Example(np.arange(1, 6, dtype=np.int32), np.ones(5, bool))] * 3,
@@ -194,7 +189,6 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int,
 
     Example:
         >>> from lora_jax.train.tokenize import Example
-        >>> from lora_jax.train.batches import eval_batches
         >>> import numpy as np
         >>> held_out = [Example(np.arange(1, n + 1, dtype=np.int32), np.ones(n, bool)) for n in (5, 30, 12)]
         >>> [b["input_ids"].shape for b in eval_batches(held_out, batch_size=2, seq_len=32, pad_id=0)]

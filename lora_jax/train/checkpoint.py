@@ -53,7 +53,6 @@ class Checkpoints:
     """The last ``keep`` checkpoints of a run in ``directory``.
 
     Example:
-        >>> from lora_jax.train.checkpoint import Checkpoints
         >>> import tempfile, numpy as np
         >>> checkpoints = Checkpoints(tempfile.mkdtemp() + "/checkpoints", keep=2)
         >>> state = {"adapter": {"q": np.ones((3, 2), np.float32)}, "step": np.asarray(10)}
@@ -82,7 +81,6 @@ class Checkpoints:
         """The newest finished checkpoint's step (None when there is none).
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile
             >>> Checkpoints(tempfile.mkdtemp()).latest_step() is None
             True
@@ -93,7 +91,6 @@ class Checkpoints:
         """Steps of the finished checkpoints, oldest first.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp(), keep=2)
             >>> for step in (1, 2, 3):
@@ -119,7 +116,6 @@ class Checkpoints:
         """Block until pending saves are on disk; raise :class:`CheckpointError` if one failed.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> checkpoints.save(1, {"x": np.zeros(2)}, {}); checkpoints.wait(); checkpoints.all_steps()
@@ -135,7 +131,6 @@ class Checkpoints:
         """Finish pending saves and release orbax's threads; never raises (:meth:`wait` does).
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile
             >>> Checkpoints(tempfile.mkdtemp()).close()
         """
@@ -159,7 +154,6 @@ class Checkpoints:
         """The JSON ``meta`` of checkpoint ``step`` (default: the latest).
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> checkpoints.save(4, {"x": np.zeros(2)}, {"note": "hi"}); checkpoints.wait()
@@ -177,7 +171,6 @@ class Checkpoints:
         shapes and dtypes are checked against what was saved.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> checkpoints.save(2, {"x": np.arange(3.0)}, {}); checkpoints.wait()
@@ -207,7 +200,6 @@ class Checkpoints:
         from the checkpoint's raise :class:`CheckpointError` naming each.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, shutil, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> for step in (1, 2):
@@ -256,7 +248,6 @@ class Checkpoints:
         building the model or optimizer.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> checkpoints.save(3, {"trainable": {"adapter": {"q": np.ones(2)}}}, {"step": 3})
@@ -277,7 +268,6 @@ class Checkpoints:
         """Raise :class:`CheckpointError` naming every setting that differs from the checkpoint's.
 
         Example:
-            >>> from lora_jax.train.checkpoint import Checkpoints
             >>> import tempfile, numpy as np
             >>> checkpoints = Checkpoints(tempfile.mkdtemp())
             >>> checkpoints.save(5, {"x": np.zeros(1)}, {"settings": {"lr": 0.001}}); checkpoints.wait()
@@ -382,7 +372,6 @@ def settings_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``["lr: checkpoint 0.001, now 0.002", ...]`` for keys whose JSON values differ.
 
     Example:
-        >>> from lora_jax.train.checkpoint import settings_diff
         >>> settings_diff({"lr": 0.001, "r": 8}, {"lr": 0.002, "r": 8})
         ['lr: checkpoint 0.001, now 0.002']
     """

@@ -25,7 +25,6 @@ class TextGenerator:
     """Generate replies (or continuations) for a batch of prompts.
 
     Example:
-        >>> from lora_jax.train.generation import TextGenerator
         >>> import jax, lora_jax
         >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["Tell me a joke.", "Why did the chicken cross the road?"], vocab_size=300)
@@ -64,7 +63,6 @@ class TextGenerator:
         """Token ids of ``prompt`` as the model sees it (chat-formatted when ``chat``).
 
         Example:
-            >>> from lora_jax.train.generation import TextGenerator
             >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
             >>> tokenizer = tiny_tokenizer(["hi there"], vocab_size=270)
             >>> generator = TextGenerator(tiny_model(len(tokenizer), hidden_size=32, layers=1), tokenizer)
@@ -122,7 +120,6 @@ class TextGenerator:
         """The tokenizer's padding id (its EOS when it has none, else 0).
 
         Example:
-            >>> from lora_jax.train.generation import TextGenerator
             >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
             >>> tokenizer = tiny_tokenizer(["hi there"], vocab_size=270)
             >>> TextGenerator(tiny_model(len(tokenizer), hidden_size=32, layers=1), tokenizer).pad_id

@@ -65,7 +65,6 @@ class TrainConfig:
     """Settings of a training run.
 
     Example:
-        >>> from lora_jax.train.loop import TrainConfig
         >>> config = TrainConfig(max_steps=150, batch_size=8, seq_len=128, learning_rate=2e-4, warmup_steps=10)
         >>> config.settings()["learning_rate"], "save_every" in config.settings()   # resumable: not checked
         (0.0002, False)
@@ -141,7 +140,6 @@ class TrainConfig:
         """The fields a resumed run must share with the checkpoint.
 
         Example:
-            >>> from lora_jax.train.loop import TrainConfig
             >>> sorted(TrainConfig().settings())[:4]
             ['batch_size', 'dtype', 'grad_accum', 'learning_rate']
         """
@@ -188,7 +186,6 @@ def data_fingerprint(examples: Sequence[Example]) -> str:
     """A short hash of the token ids and loss masks, to recognise the same data on resume.
 
     Example:
-        >>> from lora_jax.train.loop import data_fingerprint
         >>> import numpy as np
         >>> from lora_jax.train.tokenize import Example
         >>> data_fingerprint([Example(np.arange(3, dtype=np.int32), np.ones(3, bool))])
@@ -208,7 +205,6 @@ def evaluate(apply_fn: ApplyFn, params: Any, adapter: dict[str, Any], lora_confi
     """Held-out ``{"loss", "perplexity", "tokens"}`` of the model with ``adapter``.
 
     Example:
-        >>> from lora_jax.train.loop import evaluate
         >>> import jax, jax.numpy as jnp, numpy as np, lora_jax
         >>> from lora_jax.train.tokenize import Example
         >>> params = {"embed": {"embedding": jnp.zeros((4, 4))}, "out": {"kernel": jnp.eye(4)}}
@@ -274,7 +270,6 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_example
     """Fine-tune a LoRA adapter for ``apply_fn(params, input_ids, attention_mask) -> logits``.
 
     Example:
-        >>> from lora_jax.train.loop import train, TrainConfig
         >>> import jax, jax.numpy as jnp, numpy as np, lora_jax
         >>> from lora_jax.train.tokenize import Example
         >>> params = {"embed": {"embedding": jnp.eye(8)}, "out": {"kernel": jnp.eye(8)}}

@@ -66,7 +66,6 @@ class OutputDir:
     """A directory one lora_jax command writes, and what ``overwrite`` may remove from it.
 
     Example:
-        >>> from lora_jax.train.outputs import OutputDir
         >>> import tempfile; from pathlib import Path
         >>> mine = Path(tempfile.mkdtemp())
         >>> _ = (mine / "notes.txt").write_text("my notes")
@@ -92,7 +91,6 @@ class OutputDir:
         """Raise :class:`OutputError` unless the command may write here; writes nothing.
 
         Example:
-            >>> from lora_jax.train.outputs import OutputDir
             >>> import tempfile
             >>> OutputDir(tempfile.mkdtemp() + "/new", "merge").check(overwrite=False)   # absent: fine
         """
@@ -178,7 +176,6 @@ class RunLock:
     """A lock file holding the pid of the process writing a directory.
 
     Example:
-        >>> from lora_jax.train.outputs import RunLock
         >>> import tempfile
         >>> directory = tempfile.mkdtemp()
         >>> with RunLock(directory):
@@ -203,7 +200,6 @@ class RunLock:
         """The pid of a live process holding the lock, or None (free, stale or absent).
 
         Example:
-            >>> from lora_jax.train.outputs import RunLock
             >>> import tempfile
             >>> RunLock(tempfile.mkdtemp()).holder() is None
             True
@@ -248,7 +244,6 @@ class RunLock:
         """Remove the lock file and unlock it.
 
         Example:
-            >>> from lora_jax.train.outputs import RunLock
             >>> import tempfile
             >>> lock = RunLock(tempfile.mkdtemp()); lock.acquire(); lock.release(); lock.path.exists()
             False

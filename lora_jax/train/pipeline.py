@@ -84,7 +84,6 @@ def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneR
     """Run ``lora-jax finetune`` with these settings: data, model, training, the PEFT adapter.
 
     Example:
-        >>> from lora_jax.train.pipeline import finetune
         >>> from lora_jax.train.settings import FinetuneSettings
         >>> import json, tempfile; from pathlib import Path
         >>> root = Path(tempfile.mkdtemp())
@@ -147,7 +146,6 @@ def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
     """The resolved settings and output directory, after every check that needs no data or model.
 
     Example:
-        >>> from lora_jax.train.pipeline import prepare
         >>> from lora_jax.train.settings import FinetuneSettings
         >>> import tempfile
         >>> resolved, output = prepare(FinetuneSettings(tiny=True, output=tempfile.mkdtemp() + "/run"))
@@ -362,7 +360,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run report ``lora-jax finetune`` prints, from a run's summary.
 
     Example:
-        >>> from lora_jax.train.pipeline import format_summary
         >>> print(format_summary({"steps": 60, "seconds": 75.2, "train_seconds": 61.0,
         ...                       "eval_before": {"loss": 3.3, "perplexity": 27.1, "tokens": 900},
         ...                       "eval_after": {"loss": 1.9, "perplexity": 6.7, "tokens": 900},

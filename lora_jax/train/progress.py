@@ -22,7 +22,6 @@ class ProgressBar:
     """A tqdm bar over training steps with loss, tokens/s and ETA.
 
     Example:
-        >>> from lora_jax.train.progress import ProgressBar
         >>> bar = ProgressBar(total=100, initial=0, enabled=False)
         >>> bar.update(loss=2.31, tokens=1024) is None   # the first step: no rate yet (compilation)
         True
@@ -44,7 +43,6 @@ class ProgressBar:
         """Advance one step; returns the tokens/s so far (None on the first step).
 
         Example:
-            >>> from lora_jax.train.progress import ProgressBar
             >>> ProgressBar(total=2, enabled=False).update(loss=1.0, tokens=8) is None
             True
         """
@@ -67,7 +65,6 @@ class ProgressBar:
         """Print a line above the bar.
 
         Example:
-            >>> from lora_jax.train.progress import ProgressBar
             >>> import contextlib, io
             >>> with contextlib.redirect_stderr(io.StringIO()):
             ...     ProgressBar(total=2, enabled=False).write("held-out loss 1.23")
@@ -78,7 +75,6 @@ class ProgressBar:
         """Stop drawing the bar.
 
         Example:
-            >>> from lora_jax.train.progress import ProgressBar
             >>> ProgressBar(total=2, enabled=False).close()
         """
         self._bar.close()
@@ -88,7 +84,6 @@ class MetricsLog:
     """Append-only JSON lines of metrics, one dict a line.
 
     Example:
-        >>> from lora_jax.train.progress import MetricsLog
         >>> import tempfile
         >>> log = MetricsLog(tempfile.mkdtemp() + "/metrics.jsonl")
         >>> for step in (1, 2, 3):
@@ -130,7 +125,6 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, t
     """Write a PNG of training loss (and held-out loss, where recorded) against step.
 
     Example:
-        >>> from lora_jax.train.progress import plot_loss_curve
         >>> import tempfile
         >>> records = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval_loss": 0.9}]
         >>> plot_loss_curve(records, tempfile.mkdtemp() + "/loss_curve.png").stat().st_size > 1000

@@ -42,7 +42,6 @@ def load_records(sources: Sequence[str | os.PathLike] | str | os.PathLike | None
     """Records from every data source, in order: files, directories, or the packaged corpus.
 
     Example:
-        >>> from lora_jax.train.records import load_records
         >>> import json, tempfile; from pathlib import Path
         >>> file = Path(tempfile.mkdtemp()) / "d.jsonl"
         >>> _ = file.write_text(json.dumps({"prompt": "2+2=", "response": "4"}) + "\\n")
@@ -76,7 +75,6 @@ def read_records(path: str | os.PathLike) -> list[Record]:
     """Records from a ``.jsonl`` / ``.json`` (JSON lines), ``.txt`` or chatterbot ``.yml`` file.
 
     Example:
-        >>> from lora_jax.train.records import read_records
         >>> import tempfile; from pathlib import Path
         >>> file = Path(tempfile.mkdtemp()) / "chat.jsonl"
         >>> _ = file.write_text('{"text": "hello"}\\n')
@@ -131,7 +129,6 @@ def read_jsonl(path: str | os.PathLike, lines: Sequence[str] | None = None) -> l
     """Records from a JSON-lines file, each validated by :func:`check_record`.
 
     Example:
-        >>> from lora_jax.train.records import read_jsonl
         >>> import tempfile; from pathlib import Path
         >>> file = Path(tempfile.mkdtemp()) / "d.jsonl"
         >>> _ = file.write_text('{"text": "a"}\\n\\n{"text": "b"}\\n')
@@ -160,7 +157,6 @@ def check_record(value: Any, where: str) -> Record:
     """``value`` as a record with ``"source": where``, or :class:`DataError` saying what is wrong.
 
     Example:
-        >>> from lora_jax.train.records import check_record
         >>> check_record({"prompt": "Q", "completion": "A"}, "d.jsonl:1")
         {'prompt': 'Q', 'response': 'A', 'source': 'd.jsonl:1'}
         >>> check_record({"txt": "typo"}, "d.jsonl:2")
@@ -207,7 +203,6 @@ def chatterbot_files(language: str = "english") -> list[Path]:
     """The YAML files of the offline ``chatterbot-corpus`` package for ``language``.
 
     Example:
-        >>> from lora_jax.train.records import chatterbot_files
         >>> sorted(p.stem for p in chatterbot_files())[:3]
         ['ai', 'botprofile', 'coding']
     """
@@ -226,7 +221,6 @@ def read_chatterbot(paths: str | os.PathLike | Iterable[str | os.PathLike] | Non
     """Chat records from chatterbot-corpus YAML files (default: all English ones).
 
     Example:
-        >>> from lora_jax.train.records import read_chatterbot, chatterbot_files
         >>> record = read_chatterbot([f for f in chatterbot_files() if f.stem == "ai"])[0]
         >>> [m["role"] for m in record["messages"]], record["category"]
         (['user', 'assistant'], 'ai')
@@ -297,7 +291,6 @@ def split(examples: Sequence[Any], eval_fraction: float, seed: int) -> tuple[lis
     """A deterministic shuffle-split into ``(train, held_out)`` (of records or examples).
 
     Example:
-        >>> from lora_jax.train.records import split
         >>> train, held_out = split(list(range(20)), 0.1, seed=0)
         >>> len(train), len(held_out), sorted(train + held_out) == list(range(20))
         (18, 2, True)

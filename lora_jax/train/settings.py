@@ -63,7 +63,6 @@ def integer(minimum: int, maximum: int | None = None) -> Check:
     """A check: an integer in ``[minimum, maximum)``.
 
     Example:
-        >>> from lora_jax.train.settings import integer
         >>> integer(1)(0), integer(1)(5), integer(0, 10)(10)
         ('an integer >= 1', None, 'an integer in [0, 10)')
     """
@@ -79,7 +78,6 @@ def number(minimum: float, *, above: bool = False, below: float | None = None) -
     """A check: a finite number ``>= minimum`` (``> minimum`` with ``above``), ``< below`` if given.
 
     Example:
-        >>> from lora_jax.train.settings import number
         >>> number(0, above=True)(-0.01), number(0)(float("nan")), number(0, below=1)(0.5)
         ('a finite number > 0', 'a finite number >= 0', None)
     """
@@ -97,7 +95,6 @@ def one_of(choices: Sequence[Any]) -> Check:
     """A check: one of ``choices``.
 
     Example:
-        >>> from lora_jax.train.settings import one_of
         >>> one_of(("cosine", "linear"))("step")
         "one of 'cosine', 'linear'"
     """
@@ -159,7 +156,6 @@ def setting(default: Any = None, *, help: str, kind: type = str, group: str = "r
     """A :class:`FinetuneSettings` field and everything the CLI and ``run.json`` need to know about it.
 
     Example:
-        >>> from lora_jax.train.settings import setting
         >>> import dataclasses
         >>> @dataclasses.dataclass
         ... class Demo:
@@ -198,7 +194,6 @@ class FinetuneSettings:
     them in.
 
     Example:
-        >>> from lora_jax.train.settings import FinetuneSettings
         >>> settings = FinetuneSettings(tiny=True, steps=5)
         >>> settings.resolved().r, settings.resolved().steps, settings.resolved().lr
         (4, 5, 0.003)
@@ -307,7 +302,6 @@ class FinetuneSettings:
         """Every recorded field filled: as given, else ``saved`` (a resumed run's), else the default.
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> FinetuneSettings(output="runs/x", resume=True, lr=0.5).resolved({"tiny": True, "lr": 0.02}).r
             4
             >>> FinetuneSettings(data=["chat.jsonl"], tiny=True).resolved().data[0].endswith("/chat.jsonl")
@@ -346,7 +340,6 @@ class FinetuneSettings:
         """The recorded fields as ``run.json`` holds them (of resolved settings).
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> record = FinetuneSettings(tiny=True, data=["chatterbot-corpus/english"]).resolved().record()
             >>> record["model"], record["data"], record["r"], "output" in record
             ('tiny', 'chatterbot-corpus/english', 4, False)
@@ -365,7 +358,6 @@ class FinetuneSettings:
         """``["lr: run 0.02, now 0.5", ...]``: settings that decide the adapter and differ from ``saved``.
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> saved = FinetuneSettings(tiny=True, lr=0.02).resolved().record()   # the run's run.json
             >>> FinetuneSettings(lr=0.5, steps=100).resolved(saved).trajectory_changes(saved)
             ['steps: run 30, now 100', 'lr: run 0.02, now 0.5']
@@ -380,7 +372,6 @@ class FinetuneSettings:
         """The :class:`~lora_jax.LoraConfig` of these (resolved) settings.
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> FinetuneSettings(target_modules="all-linear").resolved().lora_config().target_modules
             'all-linear'
         """
@@ -394,7 +385,6 @@ class FinetuneSettings:
         """The :class:`~lora_jax.train.loop.TrainConfig` of these (resolved) settings.
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> FinetuneSettings(max_grad_norm=0).resolved().train_config().max_grad_norm is None   # 0: off
             True
         """
@@ -410,7 +400,6 @@ class FinetuneSettings:
         """The recorded settings the training loop does not see, checked again on resume.
 
         Example:
-            >>> from lora_jax.train.settings import FinetuneSettings
             >>> sorted(FinetuneSettings(tiny=True).resolved().run_info())[:3]
             ['data', 'eval_fraction', 'init_adapter']
         """
@@ -423,7 +412,6 @@ def flag_of(field: dataclasses.Field) -> str:
     """The CLI flag of a :class:`FinetuneSettings` field.
 
     Example:
-        >>> from lora_jax.train.settings import flag_of, FinetuneSettings
         >>> import dataclasses
         >>> [flag_of(f) for f in dataclasses.fields(FinetuneSettings) if f.name in ("max_grad_norm", "progress")]
         ['--no-progress', '--max-grad-norm']
@@ -473,7 +461,6 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
     """The recorded settings in a run's ``run.json``; a bad file or value is an error naming it.
 
     Example:
-        >>> from lora_jax.train.settings import read_run_file
         >>> import tempfile; from pathlib import Path
         >>> file = Path(tempfile.mkdtemp()) / "run.json"
         >>> _ = file.write_text('{"tiny": true, "r": 4, "lr": 0.003, "future_setting": 1}')
@@ -517,7 +504,6 @@ def base_model_path(model: str, run_dir: str | os.PathLike) -> str:
     """The base model's path as adapter configs record it: ``--tiny`` runs keep theirs in the run.
 
     Example:
-        >>> from lora_jax.train.settings import base_model_path
         >>> base_model_path("tiny", "/runs/x"), base_model_path("/models/smollm2", "/runs/x")
         ('/runs/x/base_model', '/models/smollm2')
     """
@@ -528,7 +514,6 @@ def parse_targets(spec: str | None) -> Any:
     """``"q_proj,v_proj"`` -> list; ``"all-linear"`` as is; ``"/regex/"`` -> regex string.
 
     Example:
-        >>> from lora_jax.train.settings import parse_targets
         >>> parse_targets("q_proj, v_proj"), parse_targets("all-linear"), parse_targets("/.*proj/")
         (['q_proj', 'v_proj'], 'all-linear', '.*proj')
     """
@@ -546,7 +531,6 @@ def parse_mesh(spec: Any) -> tuple[int, int] | None:
     """``"2x4"`` -> ``(2, 4)``, ``"8"`` -> ``(8, 1)``; None for anything else (or a size of 0).
 
     Example:
-        >>> from lora_jax.train.settings import parse_mesh
         >>> parse_mesh("2x4"), parse_mesh("8"), parse_mesh("0"), parse_mesh("two")
         ((2, 4), (8, 1), None, None)
     """

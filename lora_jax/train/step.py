@@ -36,7 +36,6 @@ class TrainState(NamedTuple):
     """Everything a step changes: a pytree, saved whole in checkpoints.
 
     Example:
-        >>> from lora_jax.train.step import init_state, make_optimizer
         >>> import jax.numpy as jnp
         >>> state = init_state({"m": {"lora_A": jnp.zeros((3, 2)), "lora_B": jnp.zeros((2, 3))}}, {},
         ...                    make_optimizer(1e-3, 10), seed=0)
@@ -59,7 +58,6 @@ def leaf_name(path: Any) -> str:
     """``"lm_head.kernel"`` for the key path of ``params["lm_head"]["kernel"]``.
 
     Example:
-        >>> from lora_jax.train.step import leaf_name
         >>> import jax
         >>> (path, _), = jax.tree_util.tree_flatten_with_path({"lm_head": {"kernel": 0}})[0]
         >>> leaf_name(path)
@@ -73,7 +71,6 @@ def trainable_leaves(params: Any, config: LoraConfig) -> dict[str, jax.Array]:
     """The leaves that train in full, by dotted name, in float32.
 
     Example:
-        >>> from lora_jax.train.step import trainable_leaves
         >>> from lora_jax.config import LoraConfig
         >>> import jax.numpy as jnp
         >>> params = {"q": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
@@ -94,7 +91,6 @@ def with_leaves(params: Any, leaves: dict[str, jax.Array]) -> Any:
     trainable_leaves(params, config))`` equals ``params`` for float32 params.
 
     Example:
-        >>> from lora_jax.train.step import with_leaves
         >>> import jax.numpy as jnp
         >>> params = {"head": {"bias": jnp.zeros(2, jnp.bfloat16)}}
         >>> with_leaves(params, {"head.bias": jnp.ones(2)})["head"]["bias"]
@@ -114,7 +110,6 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     """Every floating-point leaf of ``tree`` cast to ``dtype`` (e.g. frozen params to bfloat16).
 
     Example:
-        >>> from lora_jax.train.step import cast_floating
         >>> import jax.numpy as jnp
         >>> tree = cast_floating({"w": jnp.ones(2), "ids": jnp.arange(2)}, jnp.bfloat16)
         >>> tree["w"].dtype, tree["ids"].dtype
@@ -131,7 +126,6 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     """Summed next-token negative log-likelihood over target tokens, and their count.
 
     Example:
-        >>> from lora_jax.train.step import causal_lm_loss
         >>> import jax.numpy as jnp
         >>> logits = jnp.zeros((1, 3, 4))                  # uniform over 4 tokens
         >>> nll, count = causal_lm_loss(logits, jnp.array([[0, 1, 2]]), jnp.array([[False, True, True]]))
@@ -155,7 +149,6 @@ def make_loss_fn(apply_fn: ApplyFn, config: LoraConfig, *, remat: str | None = N
 
     Example:
         >>> from lora_jax.config import LoraConfig
-        >>> from lora_jax.train.step import make_loss_fn
         >>> import jax, jax.numpy as jnp, lora_jax
         >>> params = {"embed": {"embedding": jnp.eye(4)}, "out": {"kernel": jnp.eye(4)}}
         >>> def apply_fn(p, ids, mask):
@@ -197,7 +190,6 @@ def remat_policy(name: str) -> Callable[..., Any] | None:
 
     Example:
         >>> import jax
-        >>> from lora_jax.train.step import remat_policy
         >>> remat_policy("full") is jax.checkpoint_policies.nothing_saveable
         True
         >>> remat_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
@@ -220,7 +212,6 @@ def learning_rate_schedule(learning_rate: float, max_steps: int, *, warmup_steps
     """Linear warmup from 0, then cosine or linear decay to ``end_factor * learning_rate``.
 
     Example:
-        >>> from lora_jax.train.step import learning_rate_schedule
         >>> lr = learning_rate_schedule(1e-3, 100, warmup_steps=10)
         >>> [round(float(lr(step)), 6) for step in (0, 5, 10, 55, 100)]
         [0.0, 0.0005, 0.001, 0.0005, 0.0]
@@ -248,7 +239,6 @@ def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 
     """AdamW with warmup and a decay schedule, after global-norm gradient clipping.
 
     Example:
-        >>> from lora_jax.train.step import make_optimizer
         >>> import jax.numpy as jnp
         >>> optimizer = make_optimizer(2e-4, max_steps=200, warmup_steps=20, schedule="cosine")
         >>> state = optimizer.init({"w": jnp.zeros(3)})
@@ -265,7 +255,6 @@ def clipped_adamw(learning_rate: float | optax.Schedule, *, weight_decay: float 
     """AdamW at ``learning_rate`` (a number or a schedule), after global-norm clipping (None / 0: off).
 
     Example:
-        >>> from lora_jax.train.step import learning_rate_schedule, clipped_adamw
         >>> import jax.numpy as jnp
         >>> schedule = learning_rate_schedule(1e-3, 100, warmup_steps=10)
         >>> optimizer = clipped_adamw(schedule, max_grad_norm=1.0)   # one schedule: also log it
@@ -289,7 +278,6 @@ def init_state(adapter: dict[str, Any], trainable_params: dict[str, jax.Array],
     buffers, which must not be the caller's adapter or params.
 
     Example:
-        >>> from lora_jax.train.step import init_state, make_optimizer
         >>> import jax.numpy as jnp
         >>> adapter = {"q": {"lora_A": jnp.ones((4, 2), jnp.bfloat16), "lora_B": jnp.zeros((2, 4))}}
         >>> state = init_state(adapter, {}, make_optimizer(1e-3, 10), seed=0)
@@ -320,7 +308,6 @@ def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.Grad
 
     Example:
         >>> from lora_jax.config import LoraConfig
-        >>> from lora_jax.train.step import make_optimizer, init_state, make_train_step
         >>> import jax, jax.numpy as jnp, lora_jax
         >>> params = {"embed": {"embedding": jnp.eye(4)}, "out": {"kernel": jnp.eye(4)}}
         >>> def apply_fn(p, ids, mask):
@@ -376,7 +363,6 @@ def make_eval_step(apply_fn: ApplyFn, config: LoraConfig) -> Callable[..., Any]:
 
     Example:
         >>> from lora_jax.config import LoraConfig
-        >>> from lora_jax.train.step import make_eval_step
         >>> import jax, jax.numpy as jnp, lora_jax
         >>> params = {"head": {"kernel": jnp.zeros((3, 3))}}            # uniform over 3 tokens
         >>> apply_fn = lambda p, ids, mask: jax.nn.one_hot(ids, 3) @ p["head"]["kernel"]

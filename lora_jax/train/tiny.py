@@ -31,7 +31,6 @@ def texts_of(records: Iterable[Record]) -> list[str]:
     """Every string in ``records`` (texts, prompts, responses, message contents).
 
     Example:
-        >>> from lora_jax.train.tiny import texts_of
         >>> texts_of([{"text": "a"}, {"prompt": "b", "response": "c"},
         ...           {"messages": [{"role": "user", "content": "d"}]}])
         ['a', 'b', 'c', 'd']
@@ -51,7 +50,6 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
     """A byte-level BPE tokenizer trained on ``texts``, with a ChatML chat template.
 
     Example:
-        >>> from lora_jax.train.tiny import tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["hello world", "hello there"], vocab_size=300)
         >>> tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
         '<|im_start|>user\\nhi<|im_end|>\\n'
@@ -78,7 +76,6 @@ def tiny_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2) -> d
     """A Hugging Face Llama ``config.json`` dict for a tiny model.
 
     Example:
-        >>> from lora_jax.train.tiny import tiny_config
         >>> config = tiny_config(320)
         >>> config["model_type"], config["hidden_size"], config["num_hidden_layers"]
         ('llama', 64, 2)
@@ -96,7 +93,6 @@ def tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 64, layers:
     """A randomly initialised tiny Llama (``lora_jax.models.Model``).
 
     Example:
-        >>> from lora_jax.train.tiny import tiny_model
         >>> model = tiny_model(300, hidden_size=32, layers=1)
         >>> import lora_jax
         >>> lora_jax.module_names(model.params)[:2]
@@ -111,7 +107,6 @@ def save_tiny(directory: str | Path, model: Any, tokenizer: Any) -> Path:
     """Write the model (``config.json`` + safetensors) and tokenizer as a Hugging Face directory.
 
     Example:
-        >>> from lora_jax.train.tiny import tiny_tokenizer, save_tiny, tiny_model
         >>> import tempfile
         >>> from lora_jax import models
         >>> tokenizer = tiny_tokenizer(["hello world"], vocab_size=280)

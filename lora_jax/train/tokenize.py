@@ -24,7 +24,6 @@ class Example:
     """One tokenized sequence; ``loss_mask[i]`` is True where token ``i`` is a training target.
 
     Example:
-        >>> from lora_jax.train.tokenize import Example
         >>> import numpy as np
         >>> example = Example(np.array([5, 6, 7], np.int32), np.array([False, True, True]), "d.jsonl:1")
         >>> len(example), int(example.loss_mask.sum())
@@ -43,7 +42,6 @@ def encode(records: Iterable[Record], tokenizer: Any, max_length: int) -> list[E
     """Tokenize ``records`` into examples of at most ``max_length`` tokens.
 
     Example:
-        >>> from lora_jax.train.tokenize import encode
         >>> from lora_jax.train.tiny import tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["2+2=4", "the answer is 4"], vocab_size=280)
         >>> (example,) = encode([{"prompt": "2+2=", "response": "4"}], tokenizer, 64)
@@ -84,7 +82,6 @@ def chat_pieces(messages: Sequence[dict[str, str]], tokenizer: Any, source: str 
     """The chat-template rendering of ``messages`` as ``(text, is_target)`` pieces.
 
     Example:
-        >>> from lora_jax.train.tokenize import chat_pieces
         >>> from lora_jax.train.tiny import tiny_tokenizer
         >>> tokenizer = tiny_tokenizer(["hi", "hello"], vocab_size=270)
         >>> chat_pieces([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
