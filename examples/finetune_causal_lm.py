@@ -7,7 +7,9 @@
 Steps: load a model and its tokenizer; read chat data and render it with the
 chat template (loss on the assistant turns only); hold out 5%; train the
 adapter; compare held-out perplexity and a sample reply before and after;
-save the adapter in PEFT's format.
+save the adapter in PEFT's format. The whole of it, with checks, checkpoints
+and reports, is also one call: ``lora_jax.train.finetune(FinetuneSettings(...))``;
+this script shows the parts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 
 import lora_jax
 from lora_jax import models
-from lora_jax.train import TrainConfig, encode, read_chatterbot, read_records, split, train
+from lora_jax.train import TrainConfig, encode, load_records, split, train
 from lora_jax.train.generation import TextGenerator
 
 
@@ -33,7 +35,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny random model and few steps (for tests)")
     args = parser.parse_args()
 
-    records = read_records(args.data) if args.data else read_chatterbot(strict=False)
+    records = load_records([args.data] if args.data else None)  # None: the packaged chatterbot corpus
     if args.tiny:
         from lora_jax.train.tiny import texts_of, tiny_model, tiny_tokenizer
 

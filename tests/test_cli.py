@@ -188,3 +188,20 @@ def test_finetune_can_start_from_an_existing_adapter(finished_run, assets, tmp_p
     first = json.loads((finished_run / "summary.json").read_text())
     # It starts where the first run ended, not from a fresh adapter.
     np.testing.assert_allclose(summary["eval_before"]["loss"], first["eval_after"]["loss"], rtol=1e-4)
+
+
+def test_the_python_api_trains_the_same_adapter_as_the_command(finished_run, assets, tmp_path):
+    from lora_jax.train import FinetuneSettings, finetune
+
+    result = finetune(FinetuneSettings(tiny=True, model=assets["model"], data=[assets["data"]], output=tmp_path / "run",
+                                       steps=12, lr=2e-2, progress=False, samples=1, max_new_tokens=6, save_every=6),
+                      log=lambda message: None)
+    assert result.step == 12 and not result.interrupted
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == json.loads((finished_run / "run.json").read_text())
+    from safetensors.numpy import load_file
+
+    got = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    expected = load_file(str(finished_run / "adapter" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)

@@ -53,8 +53,8 @@ def finished_steps(output: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def start_and_wait_for_checkpoint(setup, output: Path) -> subprocess.Popen:
-    process = subprocess.Popen(finetune(setup, output), env=setup["env"], stdout=subprocess.PIPE,
+def start_and_wait_for_checkpoint(setup, output: Path, *extra: str) -> subprocess.Popen:
+    process = subprocess.Popen(finetune(setup, output, *extra), env=setup["env"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not finished_steps(output):
@@ -123,3 +123,17 @@ def test_data_parallel_mesh_trains_the_same_adapter(setup, whole):
     expected, got = adapter_tensors(whole), adapter_tensors(output)
     for key in expected:  # only the order of the batch reduction differs
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_a_second_run_on_the_same_output_refuses_while_the_first_runs(setup, capsys):
+    from lora_jax.cli import main
+
+    busy = setup["root"] / "busy"
+    process = start_and_wait_for_checkpoint(setup, busy, "--steps", "100000")
+    try:
+        code = main(["finetune", "--output", str(busy), "--resume", "--no-progress", "--samples", "0"])
+        err = capsys.readouterr().err
+    finally:
+        process.kill()
+        process.communicate()
+    assert code == 2 and f"is in use by another lora-jax run (pid {process.pid}" in err, err

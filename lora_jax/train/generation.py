@@ -24,10 +24,16 @@ from lora_jax.transform import lora
 class TextGenerator:
     """Generate replies (or continuations) for a batch of prompts.
 
-    Example::
-
-        generator = TextGenerator(model, tokenizer, config, max_new_tokens=32)
-        generator(["Tell me a joke."], adapter=adapter)   # ["Why did the ..."]
+    Example:
+        >>> import jax, lora_jax
+        >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer(["Tell me a joke.", "Why did the chicken cross the road?"], vocab_size=300)
+        >>> model = tiny_model(len(tokenizer), hidden_size=32, layers=1)
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        >>> adapter = lora_jax.init(config, model.params, jax.random.key(0))    # B = 0: the base model
+        >>> generator = TextGenerator(model, tokenizer, config, max_new_tokens=4)
+        >>> generator(["Tell me a joke."], adapter=adapter) == generator(["Tell me a joke."])
+        True
 
     Args:
         model: a ``lora_jax.models.Model`` causal LM.
@@ -54,7 +60,15 @@ class TextGenerator:
             self._apply_fn = apply_fn
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of ``prompt`` as the model sees it (chat-formatted when ``chat``)."""
+        """Token ids of ``prompt`` as the model sees it (chat-formatted when ``chat``).
+
+        Example:
+            >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
+            >>> tokenizer = tiny_tokenizer(["hi there"], vocab_size=270)
+            >>> generator = TextGenerator(tiny_model(len(tokenizer), hidden_size=32, layers=1), tokenizer)
+            >>> tokenizer.decode(generator.encode_prompt("hi"))
+            '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'
+        """
         if self.chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       tokenize=False, add_generation_prompt=True)
@@ -68,7 +82,7 @@ class TextGenerator:
 
         ``params`` defaults to the model's; ``trainable_params`` (full-trained
         leaves by dotted name) are written into them; ``adapter`` needs the
-        ``lora_config`` given at construction.
+        ``lora_config`` given at construction. See the class example.
         """
         from lora_jax import models
 
@@ -103,7 +117,14 @@ class TextGenerator:
 
     @property
     def pad_id(self) -> int:
-        """The tokenizer's padding id (its EOS when it has none, else 0)."""
+        """The tokenizer's padding id (its EOS when it has none, else 0).
+
+        Example:
+            >>> from lora_jax.train.tiny import tiny_model, tiny_tokenizer
+            >>> tokenizer = tiny_tokenizer(["hi there"], vocab_size=270)
+            >>> TextGenerator(tiny_model(len(tokenizer), hidden_size=32, layers=1), tokenizer).pad_id
+            0
+        """
         for name in ("pad_token_id", "eos_token_id"):
             value = getattr(self.tokenizer, name, None)
             if value is not None:

@@ -8,10 +8,14 @@
 
 With ``output_dir`` the run writes ``metrics.jsonl``, ``loss_curve.png`` and
 orbax checkpoints under ``checkpoints/``; ``resume=True`` continues from the
-latest one and ends with the same adapter as an uninterrupted run (the data
-order is a pure function of seed and step, and everything else that changes
-is in the checkpoint). SIGINT / SIGTERM save a checkpoint and return early
-with ``result.interrupted`` set.
+newest intact one and ends with the same adapter as an uninterrupted run (the
+data order is a pure function of seed and step, and everything else that
+changes is in the checkpoint). SIGINT / SIGTERM save a checkpoint and return
+early with ``result.interrupted`` set.
+
+:func:`train` is four steps, each a function here: set up (optimizer,
+schedule, batches, compiled steps: built once), resume or start, the loop,
+and the final evaluation.
 """
 
 from __future__ import annotations
@@ -34,31 +38,40 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.init import init
+from lora_jax.train.batches import Batch, BatchLoader, bucket_lengths, eval_batches
 from lora_jax.train.checkpoint import CheckpointError, Checkpoints
-from lora_jax.train.data import BatchLoader, Example, bucket_lengths, eval_batches
 from lora_jax.train.progress import MetricsLog, ProgressBar, plot_loss_curve
 from lora_jax.train.step import (
+    SCHEDULES,
     ApplyFn,
     TrainState,
     cast_floating,
+    clipped_adamw,
     init_state,
     learning_rate_schedule,
     make_eval_step,
-    make_optimizer,
     make_train_step,
+    remat_policy,
     trainable_leaves,
 )
+from lora_jax.train.tokenize import Example
 
 DTYPES = ("float32", "bfloat16", "float16")
+Log = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Settings of a training run.
 
-    Example::
-
-        TrainConfig(max_steps=150, batch_size=8, seq_len=128, learning_rate=2e-4, warmup_steps=10)
+    Example:
+        >>> config = TrainConfig(max_steps=150, batch_size=8, seq_len=128, learning_rate=2e-4, warmup_steps=10)
+        >>> config.settings()["learning_rate"], "save_every" in config.settings()   # resumable: not checked
+        (0.0002, False)
+        >>> TrainConfig(learning_rate=-0.01)
+        Traceback (most recent call last):
+        ...
+        ValueError: TrainConfig.learning_rate must be a finite number > 0, got -0.01.
 
     Attributes:
         max_steps: optimizer steps.
@@ -102,15 +115,49 @@ class TrainConfig:
     RESUMABLE = ("eval_every", "eval_batch_size", "save_every", "keep")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "keep", "num_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "keep", "num_buckets", "save_every"):
+            _require(name, getattr(self, name), _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                     "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "seed"):
+            _require(name, getattr(self, name), _is_int(getattr(self, name)) and getattr(self, name) >= 0,
+                     "an integer >= 0")
+        if self.eval_batch_size is not None:
+            _require("eval_batch_size", self.eval_batch_size,
+                     _is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "an integer >= 1 or None")
+        _require("learning_rate", self.learning_rate, _is_finite(self.learning_rate) and self.learning_rate > 0,
+                 "a finite number > 0")
+        _require("weight_decay", self.weight_decay, _is_finite(self.weight_decay) and self.weight_decay >= 0,
+                 "a finite number >= 0")
+        if self.max_grad_norm is not None:
+            _require("max_grad_norm", self.max_grad_norm,
+                     _is_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0 or None")
+        _require("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+        _require("dtype", self.dtype, self.dtype in DTYPES, f"one of {DTYPES}")
+        if self.remat is not None:
+            remat_policy(self.remat)
 
     def settings(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the checkpoint."""
+        """The fields a resumed run must share with the checkpoint.
+
+        Example:
+            >>> sorted(TrainConfig().settings())[:4]
+            ['batch_size', 'dtype', 'grad_accum', 'learning_rate']
+        """
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _require(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}.")
 
 
 @dataclasses.dataclass
@@ -121,7 +168,7 @@ class TrainResult:
     back with :func:`~lora_jax.train.step.with_leaves`) are float32.
     ``eval_before`` / ``eval_after`` hold ``loss``, ``perplexity`` and
     ``tokens`` on the held-out examples (None without them, or when
-    interrupted).
+    interrupted). See :func:`train` for an example.
     """
 
     adapter: dict[str, Any]
@@ -136,7 +183,14 @@ class TrainResult:
 
 
 def data_fingerprint(examples: Sequence[Example]) -> str:
-    """A short hash of the token ids and loss masks, to recognise the same data on resume."""
+    """A short hash of the token ids and loss masks, to recognise the same data on resume.
+
+    Example:
+        >>> import numpy as np
+        >>> from lora_jax.train.tokenize import Example
+        >>> data_fingerprint([Example(np.arange(3, dtype=np.int32), np.ones(3, bool))])
+        '1 examples, sha256 ...'
+    """
     digest = hashlib.sha256()
     for example in examples:
         digest.update(np.asarray(example.input_ids, np.int32).tobytes())
@@ -150,9 +204,18 @@ def evaluate(apply_fn: ApplyFn, params: Any, adapter: dict[str, Any], lora_confi
              trainable_params: dict[str, Any] | None = None) -> dict[str, float]:
     """Held-out ``{"loss", "perplexity", "tokens"}`` of the model with ``adapter``.
 
-    Example::
-
-        evaluate(apply_fn, params, adapter, config, held_out)["perplexity"]
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, lora_jax
+        >>> from lora_jax.train.tokenize import Example
+        >>> params = {"embed": {"embedding": jnp.zeros((4, 4))}, "out": {"kernel": jnp.eye(4)}}
+        >>> def apply_fn(p, ids, mask):
+        ...     return jnp.take(p["embed"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
+        >>> config = lora_jax.LoraConfig(r=2, target_modules=["out"])
+        >>> adapter = lora_jax.init(config, params, jax.random.key(0))
+        >>> held_out = [Example(np.array([0, 1, 2], np.int32), np.ones(3, bool))]
+        >>> result = evaluate(apply_fn, params, adapter, config, held_out)   # uniform logits
+        >>> round(result["perplexity"], 4), result["tokens"]
+        (4.0, 2)
 
     The loss is the mean next-token NLL over target tokens (responses only
     for prompt/response and chat data); perplexity is its exponential.
@@ -164,7 +227,7 @@ def evaluate(apply_fn: ApplyFn, params: Any, adapter: dict[str, Any], lora_confi
 
 
 def _evaluate(eval_step: Callable[..., Any], trainable: dict[str, Any], params: Any,
-              batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+              batches: Sequence[Batch]) -> dict[str, float]:
     total, count = 0.0, 0.0
     for batch in batches:
         nll, n = jax.device_get(eval_step(trainable, params, batch))
@@ -176,7 +239,7 @@ def _evaluate(eval_step: Callable[..., Any], trainable: dict[str, Any], params: 
 class _StopRequest:
     """SIGINT / SIGTERM set ``requested`` (the loop saves and stops); a second SIGINT aborts."""
 
-    def __init__(self, notify: Callable[[str], None]) -> None:
+    def __init__(self, notify: Log) -> None:
         self.requested = False
         self._notify = notify
         self._previous: dict[int, Any] = {}
@@ -202,27 +265,36 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_example
           config: TrainConfig, eval_examples: Sequence[Example] = (), pad_id: int = 0,
           adapter: dict[str, Any] | None = None, output_dir: str | Path | None = None,
           resume: bool = False, run_info: dict[str, Any] | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None,
+          log: Log | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None,
           mesh: Any = None, sharding: str = "fsdp") -> TrainResult:
     """Fine-tune a LoRA adapter for ``apply_fn(params, input_ids, attention_mask) -> logits``.
 
-    Example::
-
-        apply_fn = lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask)
-        result = train(apply_fn, params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
-                       examples, config=TrainConfig(max_steps=100), eval_examples=held_out)
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, lora_jax
+        >>> from lora_jax.train.tokenize import Example
+        >>> params = {"embed": {"embedding": jnp.eye(8)}, "out": {"kernel": jnp.eye(8)}}
+        >>> def apply_fn(p, ids, mask):
+        ...     return jnp.take(p["embed"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
+        >>> counting = [Example((np.arange(6) + i) % 8, np.ones(6, bool)) for i in range(8)]
+        >>> result = train(apply_fn, params, lora_jax.LoraConfig(r=2, target_modules=["out"]), counting,
+        ...                config=TrainConfig(max_steps=20, batch_size=4, seq_len=8, learning_rate=0.1,
+        ...                                   warmup_steps=0), eval_examples=counting[:2], progress=False,
+        ...                log=lambda message: None)
+        >>> result.step, result.eval_after["loss"] < result.eval_before["loss"]
+        (20, True)
 
     Args:
         apply_fn: the model's forward pass over a params pytree.
         params: the frozen pretrained params (never modified).
         lora_config: targets, rank and scaling; ``modules_to_save`` and
             biases (``bias=``) train in full.
-        train_examples / eval_examples: from :func:`~lora_jax.train.data.encode`.
+        train_examples / eval_examples: from :func:`~lora_jax.train.tokenize.encode`.
         config: :class:`TrainConfig`.
         pad_id: token id used for padding (its positions are masked out).
         adapter: start from this adapter instead of ``lora_jax.init``.
         output_dir: where checkpoints, ``metrics.jsonl`` and ``loss_curve.png`` go.
-        resume: continue from the latest checkpoint in ``output_dir``; refuses
+        resume: continue from the newest intact checkpoint in ``output_dir``
+            (damaged newer ones are skipped, with a message); refuses
             (:class:`~lora_jax.train.checkpoint.CheckpointError`) when the
             settings, LoRA config, ``run_info`` or data differ.
         run_info: extra settings to record and check on resume (model, data paths).
@@ -237,142 +309,197 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_example
             batches are split over ``"data"``.
     """
     started = time.perf_counter()
+    run = _setup(apply_fn, params, lora_config, train_examples, eval_examples, config=config, pad_id=pad_id,
+                 output_dir=output_dir, run_info=run_info, log=log)
+    if adapter is None:
+        adapter = init(lora_config, params, jax.random.key(config.seed))
+    state = init_state(adapter, trainable_leaves(params, lora_config), run.optimizer, config.seed)
+    frozen = params if config.dtype == "float32" else cast_floating(params, jnp.dtype(config.dtype))
+    try:
+        state, meta = _resume(run, state) if resume else (_fresh_start(run, state), {})
+        if mesh is not None:
+            state, frozen, run.place_batch = _on_mesh(mesh, sharding, lora_config, run.optimizer, state, frozen)
+            run.held_out = [run.place_batch(b) for b in run.held_out]
+        eval_before = meta.get("eval_before")
+        if run.held_out and eval_before is None:
+            eval_before = _evaluate_before(run, state, frozen)
+        state, step, interrupted = _loop(run, state, frozen, eval_before, progress=progress, on_step=on_step)
+    finally:
+        if run.checkpoints is not None:
+            run.checkpoints.close()
+    eval_after = None if interrupted else _final_evaluation(run, state, frozen, step)
+    trainable = jax.device_get(state.trainable)
+    return TrainResult(
+        adapter=trainable["adapter"], trainable_params=trainable["params"], step=step,
+        history=run.history, eval_before=eval_before, eval_after=eval_after, interrupted=interrupted,
+        seconds=time.perf_counter() - started,
+        checkpoint_dir=run.checkpoints.directory if run.checkpoints is not None else None,
+    )
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything a run builds once before its first step."""
+
+    config: TrainConfig
+    settings: dict[str, Any]  # recorded in each checkpoint, checked on resume
+    schedule: Callable[[int], Any]
+    optimizer: Any
+    loader: BatchLoader
+    held_out: list[Batch]
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    output_dir: Path | None
+    checkpoints: Checkpoints | None
+    metrics: MetricsLog | None
+    log: Log
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    place_batch: Callable[[Batch], Any] = lambda batch: batch  # noqa: E731
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.metrics is not None:
+            self.metrics.write(entry)
+
+
+def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_examples: Sequence[Example],
+           eval_examples: Sequence[Example], *, config: TrainConfig, pad_id: int,
+           output_dir: str | Path | None, run_info: dict[str, Any] | None, log: Log | None) -> _Run:
+    """The schedule and optimizer (built once), batches, compiled steps and the run's files."""
     output_dir = Path(output_dir) if output_dir is not None else None
     settings = {**config.settings(), "lora": lora_config.to_dict(),
                 "train_data": data_fingerprint(train_examples), **(run_info or {})}
-
-    optimizer = make_optimizer(config.learning_rate, config.max_steps, warmup_steps=config.warmup_steps,
-                               schedule=config.schedule, weight_decay=config.weight_decay,
-                               max_grad_norm=config.max_grad_norm)
     schedule = learning_rate_schedule(config.learning_rate, config.max_steps,
                                       warmup_steps=config.warmup_steps, schedule=config.schedule)
-    if adapter is None:
-        adapter = init(lora_config, params, jax.random.key(config.seed))
-    state = init_state(adapter, trainable_leaves(params, lora_config), optimizer, config.seed)
-    frozen = params if config.dtype == "float32" else cast_floating(params, jnp.dtype(config.dtype))
-
+    optimizer = clipped_adamw(schedule, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    buckets = bucket_lengths(config.seq_len, config.num_buckets)
     loader = BatchLoader(train_examples, batch_size=config.batch_size, seq_len=config.seq_len,
                          seed=config.seed, pad_id=pad_id, grad_accum=config.grad_accum,
-                         packing=config.packing, buckets=_buckets(config))
+                         packing=config.packing, buckets=buckets)
     held_out = eval_batches(eval_examples, batch_size=config.eval_batch_size or config.batch_size,
-                            seq_len=config.seq_len, pad_id=pad_id, buckets=_buckets(config))
-    train_step = make_train_step(apply_fn, lora_config, optimizer, remat=config.remat)
-    eval_step = make_eval_step(apply_fn, lora_config)
+                            seq_len=config.seq_len, pad_id=pad_id, buckets=buckets)
+    return _Run(
+        config=config, settings=settings, schedule=schedule, optimizer=optimizer, loader=loader,
+        held_out=held_out, train_step=make_train_step(apply_fn, lora_config, optimizer, remat=config.remat),
+        eval_step=make_eval_step(apply_fn, lora_config), output_dir=output_dir,
+        checkpoints=Checkpoints(output_dir / "checkpoints", keep=config.keep) if output_dir else None,
+        metrics=MetricsLog(output_dir / "metrics.jsonl") if output_dir else None, log=log or _stderr,
+    )
 
-    checkpoints = Checkpoints(output_dir / "checkpoints", keep=config.keep) if output_dir else None
-    metrics = MetricsLog(output_dir / "metrics.jsonl") if output_dir else None
-    meta: dict[str, Any] = {}
-    if resume:
-        if checkpoints is None:
-            raise CheckpointError("resume=True needs the output_dir of the run to resume.")
-        checkpoints.check_settings(settings)
-        state, meta = checkpoints.restore(state)
-        saved_epoch = (meta.get("data_position") or {}).get("steps_per_epoch", loader.steps_per_epoch)
-        if saved_epoch != loader.steps_per_epoch:
-            raise CheckpointError(
-                f"Cannot resume: the checkpoint's data had {saved_epoch} batches per epoch, this run's "
-                f"has {loader.steps_per_epoch}; the data or batching changed."
-            )
-        if metrics:
-            metrics.truncate_after(int(state.step))
-    elif checkpoints is not None and checkpoints.latest_step() is not None:
+
+def _fresh_start(run: _Run, state: TrainState) -> TrainState:
+    if run.checkpoints is not None and run.checkpoints.latest_step() is not None:
         raise CheckpointError(
-            f"{checkpoints.directory} already holds checkpoints of a run; resume it, or use a "
+            f"{run.checkpoints.directory} already holds checkpoints of a run; resume it, or use a "
             "new output directory."
         )
-    start = int(state.step)
-    place_batch: Callable[[Any], Any] = lambda batch: batch  # noqa: E731
-    if mesh is not None:
-        state, frozen, place_batch = _on_mesh(mesh, sharding, lora_config, optimizer, state, frozen)
-        held_out = [place_batch(b) for b in held_out]
+    return state
 
-    def record(entry: dict[str, Any]) -> None:
-        history.append(entry)
-        if metrics:
-            metrics.write(entry)
 
-    history: list[dict[str, Any]] = []
-    eval_before = meta.get("eval_before")
-    if held_out and eval_before is None:
-        eval_before = _evaluate(eval_step, state.trainable, frozen, held_out)
-        record({"step": 0, "eval_loss": eval_before["loss"], "eval_perplexity": eval_before["perplexity"]})
-        (log or _stderr)(f"held-out loss {eval_before['loss']:.4f}, perplexity {eval_before['perplexity']:.3f} "
-                         f"({eval_before['tokens']} tokens) before training")
+def _resume(run: _Run, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """The state and meta of the newest intact checkpoint, checked against this run."""
+    if run.checkpoints is None:
+        raise CheckpointError("resume=True needs the output_dir of the run to resume.")
+    state, meta = run.checkpoints.resume(state, run.settings, log=run.log)
+    saved_epoch = (meta.get("data_position") or {}).get("steps_per_epoch", run.loader.steps_per_epoch)
+    if saved_epoch != run.loader.steps_per_epoch:
+        raise CheckpointError(
+            f"Cannot resume: the checkpoint's data had {saved_epoch} batches per epoch, this run's "
+            f"has {run.loader.steps_per_epoch}; the data or batching changed."
+        )
+    if run.metrics is not None:
+        run.metrics.truncate_after(int(state.step))
+    return state, meta
 
-    bar = ProgressBar(config.max_steps, start, enabled=progress)
-    say = log or bar.write
 
-    def save(step: int) -> None:
-        if checkpoints is not None:
-            position = loader.position(step)
-            # A host copy: the next step donates (reuses) the device buffers while orbax
-            # may still be writing in the background.
-            host_state = jax.tree.map(np.array, jax.device_get(state))
-            checkpoints.save(step, host_state, {
-                "settings": settings, "step": step, "eval_before": eval_before,
-                "data_position": {"epoch": position.epoch, "batch": position.index,
-                                  "steps_per_epoch": loader.steps_per_epoch},
-            })
+def _evaluate_before(run: _Run, state: TrainState, frozen: Any) -> dict[str, float]:
+    result = _evaluate(run.eval_step, state.trainable, frozen, run.held_out)
+    run.record({"step": 0, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+    run.log(f"held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
+            f"({result['tokens']} tokens) before training")
+    return result
 
-    interrupted = False
-    step = start
+
+def _loop(run: _Run, state: TrainState, frozen: Any, eval_before: dict[str, float] | None, *,
+          progress: bool, on_step: Callable[[dict[str, Any]], Any] | None) -> tuple[TrainState, int, bool]:
+    """Train until ``max_steps`` or a stop request; returns ``(state, step, interrupted)``."""
+    config = run.config
+    step = int(state.step)
+    bar = ProgressBar(config.max_steps, step, enabled=progress)
+    say = run.log if run.log is not _stderr else bar.write
     last_tick = time.perf_counter()
     try:
         with _StopRequest(say) as stop:
             while step < config.max_steps and not stop.requested:
-                batch = place_batch(loader.batch(step))
-                state, step_metrics = train_step(state, frozen, batch)
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                state, values = run.train_step(state, frozen, run.place_batch(run.loader.batch(step)))
+                values = {k: float(v) for k, v in jax.device_get(values).items()}
                 step += 1
-                now = time.perf_counter()
                 if not math.isfinite(values["loss"]):
                     raise FloatingPointError(
                         f"The training loss became {values['loss']} at step {step}; lower the "
                         "learning rate (or use float32)."
                     )
-                rate = bar.update(loss=values["loss"], tokens=int(values["tokens"]))
-                position = loader.position(step - 1)
-                entry = {"step": step, "loss": values["loss"], "lr": float(schedule(step - 1)),
-                         "grad_norm": values["grad_norm"], "tokens": int(values["tokens"]),
-                         "target_tokens": int(values["target_tokens"]), "epoch": position.epoch,
-                         "seconds": now - last_tick, "tokens_per_s": rate}
-                record(entry)
+                now = time.perf_counter()
+                entry = _step_record(run, step, values, bar.update(loss=values["loss"], tokens=int(values["tokens"])),
+                                     now - last_tick)
+                run.record(entry)
                 last_tick = now
                 if on_step is not None and on_step(dict(entry)) is True:
                     stop.requested = True
                 if config.eval_every and step % config.eval_every == 0 and step < config.max_steps \
-                        and held_out:
-                    result = _evaluate(eval_step, state.trainable, frozen, held_out)
-                    record({"step": step, "eval_loss": result["loss"],
-                            "eval_perplexity": result["perplexity"]})
-                    say(f"step {step}: held-out loss {result['loss']:.4f}, "
-                        f"perplexity {result['perplexity']:.3f}")
+                        and run.held_out:
+                    _evaluate_during(run, state, frozen, step, say)
                 if step % config.save_every == 0 or step == config.max_steps or stop.requested:
-                    save(step)
-            interrupted = stop.requested and step < config.max_steps
+                    _save(run, state, step, eval_before)
+            if run.checkpoints is not None:
+                run.checkpoints.wait()  # the last save's errors surface here, not at exit
+            return state, step, stop.requested and step < config.max_steps
     finally:
         bar.close()
-        if checkpoints is not None:
-            checkpoints.wait()
-            checkpoints.close()
 
+
+def _step_record(run: _Run, step: int, values: dict[str, float], rate: float | None,
+                 seconds: float) -> dict[str, Any]:
+    position = run.loader.position(step - 1)
+    return {"step": step, "loss": values["loss"], "lr": float(run.schedule(step - 1)),
+            "grad_norm": values["grad_norm"], "tokens": int(values["tokens"]),
+            "target_tokens": int(values["target_tokens"]), "epoch": position.epoch,
+            "seconds": seconds, "tokens_per_s": rate}
+
+
+def _evaluate_during(run: _Run, state: TrainState, frozen: Any, step: int, say: Log) -> None:
+    result = _evaluate(run.eval_step, state.trainable, frozen, run.held_out)
+    run.record({"step": step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]})
+    say(f"step {step}: held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}")
+
+
+def _save(run: _Run, state: TrainState, step: int, eval_before: dict[str, float] | None) -> None:
+    if run.checkpoints is None:
+        return
+    position = run.loader.position(step)
+    # A host copy: the next step donates (reuses) the device buffers while orbax
+    # may still be writing in the background.
+    host_state = jax.tree.map(np.array, jax.device_get(state))
+    run.checkpoints.save(step, host_state, {
+        "settings": run.settings, "step": step, "eval_before": eval_before,
+        "data_position": {"epoch": position.epoch, "batch": position.index,
+                          "steps_per_epoch": run.loader.steps_per_epoch},
+    })
+
+
+def _final_evaluation(run: _Run, state: TrainState, frozen: Any, step: int) -> dict[str, float] | None:
+    """Held-out numbers after training (recorded), and the loss curve."""
     eval_after = None
-    if held_out and not interrupted:
-        eval_after = _evaluate(eval_step, state.trainable, frozen, held_out)
-        record({"step": step, "eval_loss": eval_after["loss"], "eval_perplexity": eval_after["perplexity"]})
-    if output_dir is not None and metrics is not None:
-        plot_loss_curve(metrics.read(), output_dir / "loss_curve.png")
-    trainable = jax.device_get(state.trainable)
-    return TrainResult(
-        adapter=trainable["adapter"], trainable_params=trainable["params"], step=step,
-        history=history, eval_before=eval_before, eval_after=eval_after, interrupted=interrupted,
-        seconds=time.perf_counter() - started,
-        checkpoint_dir=checkpoints.directory if checkpoints is not None else None,
-    )
+    if run.held_out:
+        eval_after = _evaluate(run.eval_step, state.trainable, frozen, run.held_out)
+        run.record({"step": step, "eval_loss": eval_after["loss"], "eval_perplexity": eval_after["perplexity"]})
+    if run.output_dir is not None and run.metrics is not None:
+        plot_loss_curve(run.metrics.read(), run.output_dir / "loss_curve.png")
+    return eval_after
 
 
 def _on_mesh(mesh: Any, strategy: str, lora_config: LoraConfig, optimizer: Any, state: TrainState,
-             frozen: Any) -> tuple[TrainState, Any, Callable[[Any], Any]]:
+             frozen: Any) -> tuple[TrainState, Any, Callable[[Batch], Any]]:
     """Lay the frozen params, the state and (via the returned function) batches out on ``mesh``."""
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -391,14 +518,10 @@ def _on_mesh(mesh: Any, strategy: str, lora_config: LoraConfig, optimizer: Any, 
         opt_state=shd.shard(state.opt_state, opt_shardings),
         rng=jax.device_put(state.rng, replicated),
     )
-    # Batches are (grad_accum, batch, length): split the batch axis over "data".
+    # Batches are (grad_accum, batch, length): the batch axis is split over "data".
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
-    return state, shd.shard(frozen, param_shardings), lambda batch: shd.shard(batch, batch_sharding)
+    return state, shd.shard(frozen, param_shardings), lambda batch: shd.shard_batch(batch, batch_sharding)
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _buckets(config: TrainConfig) -> tuple[int, ...]:
-    return bucket_lengths(config.seq_len, config.num_buckets)

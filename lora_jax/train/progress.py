@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 class ProgressBar:
     """A tqdm bar over training steps with loss, tokens/s and ETA.
 
-    Example::
-
-        bar = ProgressBar(total=100, initial=0)
-        bar.update(loss=2.31, tokens=1024)   # one step done
-        bar.close()
+    Example:
+        >>> bar = ProgressBar(total=100, initial=0, enabled=False)
+        >>> bar.update(loss=2.31, tokens=1024) is None   # the first step: no rate yet (compilation)
+        True
+        >>> bar.update(loss=2.20, tokens=1024) > 0       # tokens/s since the first step
+        True
+        >>> bar.close()
 
     Tokens/s is measured from the second step shown, so the first step's
     compilation does not count. With ``enabled=False`` nothing is printed.
@@ -38,7 +40,12 @@ class ProgressBar:
         self._tokens = 0
 
     def update(self, *, loss: float, tokens: int, **extra: float) -> float | None:
-        """Advance one step; returns the tokens/s so far (None on the first step)."""
+        """Advance one step; returns the tokens/s so far (None on the first step).
+
+        Example:
+            >>> ProgressBar(total=2, enabled=False).update(loss=1.0, tokens=8) is None
+            True
+        """
         now = time.perf_counter()
         rate = None
         if self._start is None:
@@ -55,32 +62,48 @@ class ProgressBar:
         return rate
 
     def write(self, message: str) -> None:
-        """Print a line above the bar."""
+        """Print a line above the bar.
+
+        Example:
+            >>> import contextlib, io
+            >>> with contextlib.redirect_stderr(io.StringIO()):
+            ...     ProgressBar(total=2, enabled=False).write("held-out loss 1.23")
+        """
         self._bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
+        """Stop drawing the bar.
+
+        Example:
+            >>> ProgressBar(total=2, enabled=False).close()
+        """
         self._bar.close()
 
 
 class MetricsLog:
     """Append-only JSON lines of metrics, one dict a line.
 
-    Example::
-
-        log = MetricsLog(path)
-        log.write({"step": 3, "loss": 1.9})
-        log.truncate_after(2)   # on resume from step 2: drop what will be redone
+    Example:
+        >>> import tempfile
+        >>> log = MetricsLog(tempfile.mkdtemp() + "/metrics.jsonl")
+        >>> for step in (1, 2, 3):
+        ...     log.write({"step": step, "loss": 2.0 / step})
+        >>> log.truncate_after(2)   # on resume from step 2: drop what will be redone
+        >>> [r["step"] for r in log.read()]
+        [1, 2]
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one JSON line (see the class example)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record; a last line cut off by a kill is skipped (see the class example)."""
         if not self.path.exists():
             return []
         records = []
@@ -92,14 +115,21 @@ class MetricsLog:
         return records
 
     def truncate_after(self, step: int) -> None:
-        """Keep only the records of steps ``<= step``."""
+        """Keep only the records of steps ``<= step`` (see the class example)."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Write a PNG of training loss (and held-out loss, where recorded) against step."""
+    """Write a PNG of training loss (and held-out loss, where recorded) against step.
+
+    Example:
+        >>> import tempfile
+        >>> records = [{"step": s, "loss": 3.0 / s} for s in range(1, 6)] + [{"step": 5, "eval_loss": 0.9}]
+        >>> plot_loss_curve(records, tempfile.mkdtemp() + "/loss_curve.png").stat().st_size > 1000
+        True
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -35,6 +35,13 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainState(NamedTuple):
     """Everything a step changes: a pytree, saved whole in checkpoints.
 
+    Example:
+        >>> import jax.numpy as jnp
+        >>> state = init_state({"m": {"lora_A": jnp.zeros((3, 2)), "lora_B": jnp.zeros((2, 3))}}, {},
+        ...                    make_optimizer(1e-3, 10), seed=0)
+        >>> int(state.step), sorted(state.trainable), state.rng.dtype
+        (0, ['adapter', 'params'], dtype('uint32'))
+
     ``trainable`` is ``{"adapter": {module: {"lora_A", "lora_B"}}, "params":
     {"module.leaf": array}}``; ``rng`` is raw ``uint32`` key data (dropout).
     """
@@ -48,7 +55,14 @@ class TrainState(NamedTuple):
 # -- trainable leaves ---------------------------------------------------------------------
 
 def leaf_name(path: Any) -> str:
-    """``"lm_head.kernel"`` for the key path of ``params["lm_head"]["kernel"]``."""
+    """``"lm_head.kernel"`` for the key path of ``params["lm_head"]["kernel"]``.
+
+    Example:
+        >>> import jax
+        >>> (path, _), = jax.tree_util.tree_flatten_with_path({"lm_head": {"kernel": 0}})[0]
+        >>> leaf_name(path)
+        'lm_head.kernel'
+    """
     module_name, leaf = split_path(path)
     return f"{module_name}.{leaf}" if module_name else leaf
 
@@ -56,10 +70,12 @@ def leaf_name(path: Any) -> str:
 def trainable_leaves(params: Any, config: LoraConfig) -> dict[str, jax.Array]:
     """The leaves that train in full, by dotted name, in float32.
 
-    Example::
-
-        trainable_leaves(params, LoraConfig(target_modules=["q"], modules_to_save=["head"]))
-        # {"head.kernel": ..., "head.bias": ...}
+    Example:
+        >>> from lora_jax.config import LoraConfig
+        >>> import jax.numpy as jnp
+        >>> params = {"q": {"kernel": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+        >>> sorted(trainable_leaves(params, LoraConfig(target_modules=["q"], modules_to_save=["head"])))
+        ['head.bias', 'head.kernel']
     """
     mask = trainable_mask(params, config)
     flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
@@ -73,6 +89,12 @@ def with_leaves(params: Any, leaves: dict[str, jax.Array]) -> Any:
 
     The inverse of :func:`trainable_leaves`: ``with_leaves(params,
     trainable_leaves(params, config))`` equals ``params`` for float32 params.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> params = {"head": {"bias": jnp.zeros(2, jnp.bfloat16)}}
+        >>> with_leaves(params, {"head.bias": jnp.ones(2)})["head"]["bias"]
+        Array([1, 1], dtype=bfloat16)
     """
     if not leaves:
         return params
@@ -85,7 +107,14 @@ def with_leaves(params: Any, leaves: dict[str, jax.Array]) -> Any:
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
-    """Every floating-point leaf of ``tree`` cast to ``dtype`` (e.g. frozen params to bfloat16)."""
+    """Every floating-point leaf of ``tree`` cast to ``dtype`` (e.g. frozen params to bfloat16).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tree = cast_floating({"w": jnp.ones(2), "ids": jnp.arange(2)}, jnp.bfloat16)
+        >>> tree["w"].dtype, tree["ids"].dtype
+        (dtype(bfloat16), dtype('int32'))
+    """
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
     )
@@ -96,9 +125,12 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed next-token negative log-likelihood over target tokens, and their count.
 
-    Example::
-
-        nll, count = causal_lm_loss(logits, ids, mask)   # mean loss = nll / count
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.zeros((1, 3, 4))                  # uniform over 4 tokens
+        >>> nll, count = causal_lm_loss(logits, jnp.array([[0, 1, 2]]), jnp.array([[False, True, True]]))
+        >>> float(count), round(float(nll / count), 4)     # log(4)
+        (2.0, 1.3863)
 
     Position ``t`` predicts token ``t + 1``; ``loss_mask[..., t + 1]`` says
     whether that token is a target (responses only for prompt/response and
@@ -114,6 +146,20 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 
 def make_loss_fn(apply_fn: ApplyFn, config: LoraConfig, *, remat: str | None = None) -> Callable[..., Any]:
     """``loss(trainable, params, batch, rng) -> (nll_sum, count)`` for one micro-batch.
+
+    Example:
+        >>> from lora_jax.config import LoraConfig
+        >>> import jax, jax.numpy as jnp, lora_jax
+        >>> params = {"embed": {"embedding": jnp.eye(4)}, "out": {"kernel": jnp.eye(4)}}
+        >>> def apply_fn(p, ids, mask):
+        ...     return jnp.take(p["embed"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
+        >>> config = LoraConfig(r=2, target_modules=["out"])
+        >>> adapter = lora_jax.init(config, params, jax.random.key(0))
+        >>> loss = make_loss_fn(apply_fn, config)
+        >>> batch = {"input_ids": jnp.array([[0, 1]]), "attention_mask": jnp.ones((1, 2)),
+        ...          "loss_mask": jnp.array([[False, True]])}
+        >>> [round(float(x), 4) for x in loss({"adapter": adapter, "params": {}}, params, batch, None)]
+        [1.7437, 1.0]
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``loss_mask`` of shape
     ``(B, L)``; ``rng`` (a key or None) drives LoRA dropout. ``remat`` names a
@@ -140,7 +186,15 @@ def make_loss_fn(apply_fn: ApplyFn, config: LoraConfig, *, remat: str | None = N
 
 
 def remat_policy(name: str) -> Callable[..., Any] | None:
-    """A ``jax.checkpoint_policies`` member by name; ``"full"`` saves nothing."""
+    """A ``jax.checkpoint_policies`` member by name; ``"full"`` saves nothing.
+
+    Example:
+        >>> import jax
+        >>> remat_policy("full") is jax.checkpoint_policies.nothing_saveable
+        True
+        >>> remat_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
+        True
+    """
     if name in ("full", "nothing_saveable"):
         return jax.checkpoint_policies.nothing_saveable
     policy = getattr(jax.checkpoint_policies, name, None)
@@ -157,10 +211,10 @@ def learning_rate_schedule(learning_rate: float, max_steps: int, *, warmup_steps
                            schedule: str = "cosine", end_factor: float = 0.0) -> optax.Schedule:
     """Linear warmup from 0, then cosine or linear decay to ``end_factor * learning_rate``.
 
-    Example::
-
-        lr = learning_rate_schedule(1e-3, 100, warmup_steps=10)
-        lr(0), lr(10), lr(100)   # 0.0, 1e-3, 0.0
+    Example:
+        >>> lr = learning_rate_schedule(1e-3, 100, warmup_steps=10)
+        >>> [round(float(lr(step)), 6) for step in (0, 5, 10, 55, 100)]
+        [0.0, 0.0005, 0.001, 0.0005, 0.0]
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
@@ -184,18 +238,35 @@ def make_optimizer(learning_rate: float, max_steps: int, *, warmup_steps: int = 
                    max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
     """AdamW with warmup and a decay schedule, after global-norm gradient clipping.
 
-    Example::
-
-        optimizer = make_optimizer(2e-4, max_steps=200, warmup_steps=20, schedule="cosine")
+    Example:
+        >>> import jax.numpy as jnp
+        >>> optimizer = make_optimizer(2e-4, max_steps=200, warmup_steps=20, schedule="cosine")
+        >>> state = optimizer.init({"w": jnp.zeros(3)})
 
     Weight decay (decoupled, Loshchilov & Hutter 2019) applies to every
     trainable leaf; PEFT / transformers default to none for LoRA.
     """
     lr = learning_rate_schedule(learning_rate, max_steps, warmup_steps=warmup_steps, schedule=schedule)
+    return clipped_adamw(lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+
+
+def clipped_adamw(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.0,
+                  max_grad_norm: float | None = 1.0) -> optax.GradientTransformation:
+    """AdamW at ``learning_rate`` (a number or a schedule), after global-norm clipping (None / 0: off).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> schedule = learning_rate_schedule(1e-3, 100, warmup_steps=10)
+        >>> optimizer = clipped_adamw(schedule, max_grad_norm=1.0)   # one schedule: also log it
+        >>> params = {"w": jnp.zeros(2)}
+        >>> updates, _ = optimizer.update({"w": jnp.full(2, 10.0)}, optimizer.init(params), params)
+        >>> updates["w"].tolist()                                    # step 0 of warmup: lr 0
+        [-0.0, -0.0]
+    """
     parts = []
     if max_grad_norm:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(lr, weight_decay=weight_decay))
+    parts.append(optax.adamw(learning_rate, weight_decay=weight_decay))
     return optax.chain(*parts)
 
 
@@ -205,6 +276,13 @@ def init_state(adapter: dict[str, Any], trainable_params: dict[str, jax.Array],
 
     The arrays are copies: the train step donates (reuses) the state's
     buffers, which must not be the caller's adapter or params.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> adapter = {"q": {"lora_A": jnp.ones((4, 2), jnp.bfloat16), "lora_B": jnp.zeros((2, 4))}}
+        >>> state = init_state(adapter, {}, make_optimizer(1e-3, 10), seed=0)
+        >>> state.trainable["adapter"]["q"]["lora_A"].dtype, int(state.step)
+        (dtype('float32'), 0)
     """
     def copy(x: Any) -> jax.Array:
         dtype = jnp.float32 if jnp.issubdtype(jnp.result_type(x), jnp.floating) else None
@@ -227,6 +305,22 @@ def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.Grad
     ``B=4`` gives the same update as ``grad_accum=1`` with ``B=8``. Metrics:
     ``loss`` (mean NLL per target token), ``target_tokens``, ``tokens``
     (non-padding) and ``grad_norm``.
+
+    Example:
+        >>> from lora_jax.config import LoraConfig
+        >>> import jax, jax.numpy as jnp, lora_jax
+        >>> params = {"embed": {"embedding": jnp.eye(4)}, "out": {"kernel": jnp.eye(4)}}
+        >>> def apply_fn(p, ids, mask):
+        ...     return jnp.take(p["embed"]["embedding"], ids, axis=0) @ p["out"]["kernel"]
+        >>> config = LoraConfig(r=2, target_modules=["out"])
+        >>> optimizer = make_optimizer(1e-2, max_steps=10)
+        >>> state = init_state(lora_jax.init(config, params, jax.random.key(0)), {}, optimizer, seed=0)
+        >>> step = make_train_step(apply_fn, config, optimizer)
+        >>> batch = {"input_ids": jnp.array([[[0, 1, 2, 3]]]), "attention_mask": jnp.ones((1, 1, 4), jnp.int32),
+        ...          "loss_mask": jnp.ones((1, 1, 4), bool)}            # (grad_accum, B, L)
+        >>> state, metrics = step(state, params, batch)
+        >>> int(state.step), float(metrics["target_tokens"]), sorted(metrics)
+        (1, 3.0, ['grad_norm', 'loss', 'target_tokens', 'tokens'])
     """
     loss_fn = make_loss_fn(apply_fn, config, remat=remat)
     use_dropout = config.lora_dropout > 0
@@ -265,7 +359,20 @@ def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.Grad
 def make_eval_step(apply_fn: ApplyFn, config: LoraConfig) -> Callable[..., Any]:
     """A jit-compiled ``eval_step(trainable, params, batch) -> (nll_sum, count)`` (no dropout).
 
-    ``batch`` arrays have shape ``(1, B, L)`` as from :func:`~lora_jax.train.data.eval_batches`.
+    ``batch`` arrays have shape ``(1, B, L)`` as from :func:`~lora_jax.train.batches.eval_batches`.
+
+    Example:
+        >>> from lora_jax.config import LoraConfig
+        >>> import jax, jax.numpy as jnp, lora_jax
+        >>> params = {"head": {"kernel": jnp.zeros((3, 3))}}            # uniform over 3 tokens
+        >>> apply_fn = lambda p, ids, mask: jax.nn.one_hot(ids, 3) @ p["head"]["kernel"]
+        >>> config = LoraConfig(r=1, target_modules=["head"])
+        >>> trainable = {"adapter": lora_jax.init(config, params, jax.random.key(0)), "params": {}}
+        >>> batch = {"input_ids": jnp.array([[[0, 1, 2]]]), "attention_mask": jnp.ones((1, 1, 3), jnp.int32),
+        ...          "loss_mask": jnp.ones((1, 1, 3), bool)}                # (1, B, L)
+        >>> nll, count = make_eval_step(apply_fn, config)(trainable, params, batch)
+        >>> round(float(nll / count), 4), float(count)                   # log(3) per predicted token
+        (1.0986, 2.0)
     """
     loss_fn = make_loss_fn(apply_fn, config)
 

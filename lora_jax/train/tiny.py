@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lora_jax.train.data import Record
+from lora_jax.train.records import Record
 
 # ChatML, as SmolLM2 and Qwen2 use it.
 CHATML_TEMPLATE = (
@@ -28,7 +28,13 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def texts_of(records: Iterable[Record]) -> list[str]:
-    """Every string in ``records`` (texts, prompts, responses, message contents)."""
+    """Every string in ``records`` (texts, prompts, responses, message contents).
+
+    Example:
+        >>> texts_of([{"text": "a"}, {"prompt": "b", "response": "c"},
+        ...           {"messages": [{"role": "user", "content": "d"}]}])
+        ['a', 'b', 'c', 'd']
+    """
     out = []
     for record in records:
         if "messages" in record:
@@ -43,10 +49,12 @@ def texts_of(records: Iterable[Record]) -> list[str]:
 def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
     """A byte-level BPE tokenizer trained on ``texts``, with a ChatML chat template.
 
-    Example::
-
-        tokenizer = tiny_tokenizer(["hello world", "hello there"], vocab_size=300)
-        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    Example:
+        >>> tokenizer = tiny_tokenizer(["hello world", "hello there"], vocab_size=300)
+        >>> tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        '<|im_start|>user\\nhi<|im_end|>\\n'
+        >>> tokenizer.decode(tokenizer.encode("hello there"))
+        'hello there'
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,7 +73,13 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> Any:
 
 
 def tiny_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2) -> dict[str, Any]:
-    """A Hugging Face Llama ``config.json`` dict for a tiny model."""
+    """A Hugging Face Llama ``config.json`` dict for a tiny model.
+
+    Example:
+        >>> config = tiny_config(320)
+        >>> config["model_type"], config["hidden_size"], config["num_hidden_layers"]
+        ('llama', 64, 2)
+    """
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
@@ -76,14 +90,31 @@ def tiny_config(vocab_size: int, *, hidden_size: int = 64, layers: int = 2) -> d
 
 
 def tiny_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Any:
-    """A randomly initialised tiny Llama (``lora_jax.models.Model``)."""
+    """A randomly initialised tiny Llama (``lora_jax.models.Model``).
+
+    Example:
+        >>> model = tiny_model(300, hidden_size=32, layers=1)
+        >>> import lora_jax
+        >>> lora_jax.module_names(model.params)[:2]
+        ['model.embed_tokens', 'model.layers.0.mlp.down_proj']
+    """
     from lora_jax import models
 
     return models.from_config(tiny_config(vocab_size, hidden_size=hidden_size, layers=layers), seed=seed)
 
 
 def save_tiny(directory: str | Path, model: Any, tokenizer: Any) -> Path:
-    """Write the model (``config.json`` + safetensors) and tokenizer as a Hugging Face directory."""
+    """Write the model (``config.json`` + safetensors) and tokenizer as a Hugging Face directory.
+
+    Example:
+        >>> import tempfile
+        >>> from lora_jax import models
+        >>> tokenizer = tiny_tokenizer(["hello world"], vocab_size=280)
+        >>> directory = save_tiny(tempfile.mkdtemp(), tiny_model(len(tokenizer), hidden_size=32, layers=1),
+        ...                       tokenizer)
+        >>> models.from_pretrained(directory).config["model_type"]
+        'llama'
+    """
     from lora_jax import models
 
     directory = Path(directory)

@@ -1,0 +1,413 @@
+"""``lora-jax finetune`` as one Python call: settings in, a trained PEFT adapter out.
+
+    from lora_jax.train import FinetuneSettings, finetune
+
+    result = finetune(FinetuneSettings(model="path/to/model", data=["train.jsonl"],
+                                       output="runs/mine", steps=200, lr=2e-4))
+    result.adapter_dir, result.summary["eval_after"]["perplexity"]
+
+The order is the contract: every setting is checked when the settings are
+made; then, before anything is written, the output directory (refused if it
+holds someone else's files, or a live run), the data, the model and whether
+the LoRA settings fit it; only then is the run directory claimed (a lock,
+``run.json``) and trained. A mistake found on the way leaves the output
+directory as it was, so the corrected command needs no ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lora_jax.config import LoraConfig
+from lora_jax.train.adapter_files import load_adapter
+from lora_jax.train.loop import TrainResult, train
+from lora_jax.train.outputs import OutputDir, OutputError, RunLock
+from lora_jax.train.pretrained import ModelFilesError, load_model, load_tokenizer
+from lora_jax.train.records import Record, load_records, split
+from lora_jax.train.settings import (
+    ADAPTER_DIR,
+    BASE_MODEL_DIR,
+    DEFAULT_OUTPUT,
+    RUN_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    TINY_MODEL,
+    TINY_OUTPUT,
+    FinetuneSettings,
+    SettingsError,
+    base_model_path,
+    parse_mesh,
+    read_run_file,
+)
+from lora_jax.train.step import with_leaves
+from lora_jax.train.tokenize import encode
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns.
+
+    ``summary`` (also written to ``summary.json``) and ``adapter_dir`` are
+    None when the run was interrupted (Ctrl-C); it continues with
+    ``resume=True``. See :func:`finetune` for an example.
+    """
+
+    settings: FinetuneSettings
+    output: Path
+    step: int
+    interrupted: bool
+    adapter: dict[str, Any]
+    lora_config: LoraConfig
+    trainable_params: dict[str, Any]
+    adapter_dir: Path | None = None
+    summary: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class _Base:
+    """The base model and tokenizer; ``unsaved`` for a fresh --tiny model not yet in base_model/."""
+
+    model: Any
+    tokenizer: Any
+    unsaved: bool = False
+
+
+def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneResult:
+    """Run ``lora-jax finetune`` with these settings: data, model, training, the PEFT adapter.
+
+    Example:
+        >>> from lora_jax.train.settings import FinetuneSettings
+        >>> import json, tempfile; from pathlib import Path
+        >>> root = Path(tempfile.mkdtemp())
+        >>> data = root / "chat.jsonl"
+        >>> _ = data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\\n"
+        ...                             for i in range(40)))
+        >>> result = finetune(FinetuneSettings(tiny=True, data=[data], output=root / "run", steps=2,
+        ...                                    samples=0, max_eval=4, progress=False), log=lambda m: None)
+        >>> result.step, sorted(p.name for p in result.adapter_dir.iterdir())
+        (2, ['README.md', 'adapter_config.json', 'adapter_model.safetensors'])
+        >>> finetune(FinetuneSettings(tiny=True, data=[data], output=root / "run"))
+        Traceback (most recent call last):
+        ...
+        lora_jax.train.outputs.OutputError: .../run already exists and holds a run; pass --overwrite to replace it, --resume to continue it, or choose another --output.
+
+    Args:
+        settings: what to train (see :class:`~lora_jax.train.settings.FinetuneSettings`);
+            with ``resume=True`` the fields left None come from the run's ``run.json``.
+        log: where progress lines go (default: stderr).
+
+    Raises:
+        SettingsError, OutputError, DataError, ModelFilesError, CheckpointError:
+            (all ``ValueError``) naming the flag, file or directory at fault.
+    """
+    say = log or _stderr
+    started = time.perf_counter()
+    settings, output = prepare(settings)
+    train_records, eval_records, all_records = _read_data(settings)
+    base = _load_base(settings, output, all_records, say)
+    lora_config, adapter, init_params = _fit_lora(settings, base.model)
+    train_examples = encode(train_records, base.tokenizer, settings.seq_len)
+    eval_examples = encode(eval_records, base.tokenizer, settings.seq_len)
+    say(f"data: {len(train_examples)} training / {len(eval_examples)} held-out examples "
+        f"({_describe_data(settings.data)})")
+    _report_trainable(lora_config, adapter, with_leaves(base.model.params, init_params), say)
+    mesh = _make_mesh(settings)
+
+    with RunLock(output, log=say):
+        OutputDir(output, "finetune").claim(overwrite=settings.overwrite, resume=settings.resume)
+        (output / RUN_FILE).write_text(json.dumps(settings.record(), indent=2, sort_keys=True) + "\n")
+        if base.unsaved:
+            base = _save_tiny(settings, output, base)
+        params = with_leaves(base.model.params, init_params)
+        generator = _generator(base, lora_config, settings)
+        prompts = _sample_prompts(eval_records, settings.samples, generator)
+        samples_before = _samples_before(settings, output, generator, prompts, lora_config, adapter, params, say)
+        result = train(_causal_apply(base.model), params, lora_config, train_examples, config=settings.train_config(),
+                       eval_examples=eval_examples, pad_id=generator.pad_id, adapter=adapter, output_dir=output,
+                       resume=settings.resume, run_info=settings.run_info(), progress=settings.progress,
+                       log=log, mesh=mesh, sharding=settings.sharding)
+        finished = FinetuneResult(settings=settings, output=output, step=result.step,
+                                  interrupted=result.interrupted, adapter=result.adapter, lora_config=lora_config,
+                                  trainable_params=result.trainable_params)
+        if not result.interrupted:
+            _finish(finished, result, base, generator, params, prompts, samples_before, started)
+    return finished
+
+
+def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
+    """The resolved settings and output directory, after every check that needs no data or model.
+
+    Example:
+        >>> from lora_jax.train.settings import FinetuneSettings
+        >>> import tempfile
+        >>> resolved, output = prepare(FinetuneSettings(tiny=True, output=tempfile.mkdtemp() + "/run"))
+        >>> resolved.steps, resolved.model, output.exists()      # nothing written
+        (30, 'tiny', False)
+    """
+    output = Path(settings.output or (TINY_OUTPUT if settings.tiny else DEFAULT_OUTPUT))
+    if settings.resume and settings.overwrite:
+        raise SettingsError("--resume continues the run in --output and --overwrite replaces it; pass one.")
+    holder = RunLock(output).holder() if output.is_dir() else None
+    if holder:
+        raise OutputError(f"{output} is in use by another lora-jax run (pid {holder}); wait for it to finish, "
+                          "or choose another --output.")
+    saved = _saved_settings(output) if settings.resume else None
+    resolved = settings.resolved(saved)
+    if saved is not None:
+        differ = resolved.trajectory_changes(saved)
+        if differ:
+            raise SettingsError(f"Cannot resume {output}: settings differ from the run's: {'; '.join(differ)}.")
+    OutputDir(output, "finetune").check(overwrite=resolved.overwrite, resume=resolved.resume)
+    if resolved.model != TINY_MODEL and not Path(resolved.model).exists():
+        raise ModelFilesError(f"{resolved.model}: no such model directory or file (--model; expected a Hugging "
+                              "Face model directory with config.json and model.safetensors, or a .gguf file).")
+    if resolved.init_adapter and not Path(resolved.init_adapter).is_dir():
+        raise ModelFilesError(f"{resolved.init_adapter}: no such adapter directory (--init-adapter).")
+    _check_mesh(resolved)
+    return resolved, output
+
+
+def _saved_settings(output: Path) -> dict[str, Any]:
+    if not output.is_dir():
+        raise SettingsError(f"Nothing to resume: {output} does not exist.")
+    if not (output / RUN_FILE).exists():
+        raise SettingsError(f"Nothing to resume in {output}: no {RUN_FILE} (start the run without --resume).")
+    return read_run_file(output / RUN_FILE)
+
+
+def _check_mesh(settings: FinetuneSettings) -> None:
+    if not settings.mesh:
+        return
+    import jax
+
+    data, model = parse_mesh(settings.mesh)
+    if data * model != jax.device_count():
+        raise SettingsError(f"--mesh {settings.mesh}: needs {data * model} devices, and "
+                            f"{jax.device_count()} are available.")
+    if settings.batch_size % data:
+        raise SettingsError(f"--batch-size {settings.batch_size}: must be a multiple of the --mesh data axis "
+                            f"({data}), so each device gets whole rows.")
+
+
+def _make_mesh(settings: FinetuneSettings) -> Any:
+    if not settings.mesh:
+        return None
+    from lora_jax.sharding import make_mesh
+
+    return make_mesh(*parse_mesh(settings.mesh))
+
+
+# -- data, model, LoRA: everything that can fail before the output directory is touched ----------
+
+def _read_data(settings: FinetuneSettings) -> tuple[list[Record], list[Record], list[Record]]:
+    """``(train, held_out, all)`` records: at most ``max_examples``, held-out share cut to ``max_eval``."""
+    records = load_records(settings.data)
+    if settings.max_examples:
+        records = records[: settings.max_examples]
+    train_records, eval_records = split(records, settings.eval_fraction, settings.seed)
+    return train_records, eval_records[: settings.max_eval], records
+
+
+def _load_base(settings: FinetuneSettings, output: Path, records: Sequence[Record], say: Log) -> _Base:
+    """The base model and tokenizer; ``--tiny`` builds one from the data (saved once claimed)."""
+    if settings.model == TINY_MODEL:
+        base_dir = output / BASE_MODEL_DIR
+        if settings.resume and (base_dir / "config.json").exists():
+            model = load_model(base_dir, dtype=settings.dtype)
+            say(f"model: tiny random Llama ({base_dir})")
+            return _Base(model, load_tokenizer(model))
+        from lora_jax.train.tiny import texts_of, tiny_model, tiny_tokenizer
+
+        tokenizer = tiny_tokenizer(texts_of(records))
+        say(f"model: tiny random Llama ({base_dir})")
+        return _Base(tiny_model(len(tokenizer), seed=settings.seed), tokenizer, unsaved=True)
+    t0 = time.perf_counter()
+    model = load_model(settings.model, dtype=settings.dtype)
+    tokenizer = load_tokenizer(model)
+    say(f"model: {settings.model} ({_num_params(model.params) / 1e6:.1f}M params, "
+        f"loaded in {time.perf_counter() - t0:.0f}s)")
+    return _Base(model, tokenizer)
+
+
+def _fit_lora(settings: FinetuneSettings, model: Any) -> tuple[LoraConfig, Any, dict[str, Any]]:
+    """``(lora_config, start adapter or None, its full-trained leaves)``, checked against the model."""
+    from lora_jax import find_targets
+
+    lora_config = settings.lora_config()
+    adapter = None
+    trainable: dict[str, Any] = {}
+    params = model.params
+    flags = f"-r {settings.r} / --target-modules {settings.target_modules!r}" + (
+        f" / --modules-to-save {settings.modules_to_save!r}" if settings.modules_to_save else "")
+    if settings.init_adapter:
+        adapter, init_config, trainable = load_adapter(settings.init_adapter, params)
+        lora_config = init_config.replace(lora_dropout=lora_config.lora_dropout)
+        params = with_leaves(params, trainable)
+        flags = f"--init-adapter {settings.init_adapter}"
+    try:
+        find_targets(lora_config, params)
+    except ValueError as err:
+        raise SettingsError(f"{flags} does not fit the model: {' '.join(str(err).split())}") from None
+    return lora_config, adapter, trainable
+
+
+def _report_trainable(lora_config: LoraConfig, adapter: Any, params: Any, say: Log) -> None:
+    import jax
+
+    from lora_jax import count_parameters, init
+
+    shapes = adapter if adapter is not None else jax.eval_shape(
+        lambda: init(lora_config, params, jax.random.key(0)))
+    counts = count_parameters(params, shapes, lora_config)
+    say(f"LoRA r={lora_config.r} alpha={lora_config.lora_alpha:g} on {lora_config.target_modules}: "
+        f"trainable params {counts['trainable']:,d} || all params {counts['all']:,d} || "
+        f"trainable% {counts['trainable%']:.4f}")
+
+
+# -- the claimed run ----------------------------------------------------------------------------
+
+def _save_tiny(settings: FinetuneSettings, output: Path, base: _Base) -> _Base:
+    """Write the fresh tiny model to base_model/ and train on it as read back (in ``--dtype``)."""
+    from lora_jax.train.tiny import save_tiny
+
+    base_dir = save_tiny(output / BASE_MODEL_DIR, base.model, base.tokenizer)
+    model = load_model(base_dir, dtype=settings.dtype)
+    return _Base(model, load_tokenizer(model))
+
+
+def _generator(base: _Base, lora_config: LoraConfig, settings: FinetuneSettings) -> Any:
+    from lora_jax.train.generation import TextGenerator
+
+    return TextGenerator(base.model, base.tokenizer, lora_config, chat=True, max_new_tokens=settings.max_new_tokens)
+
+
+def _sample_prompts(records: Sequence[Record], count: int, generator: Any) -> list[str]:
+    """Prompts from held-out records (the first user turn / prompt / first words); sets ``generator.chat``."""
+    prompts, chat = [], False
+    seen = set()
+    for record in records:
+        if len(prompts) >= count:
+            break
+        if "messages" in record:
+            text = next((m["content"] for m in record["messages"] if m["role"] == "user"), None)
+            chat = True
+        elif "prompt" in record:
+            text = record["prompt"]
+        else:
+            text = " ".join(record["text"].split()[:8])
+        if text and text not in seen:
+            seen.add(text)
+            prompts.append(text)
+    generator.chat = chat and generator.chat
+    return prompts
+
+
+def _samples_before(settings: FinetuneSettings, output: Path, generator: Any, prompts: list[str],
+                    lora_config: LoraConfig, adapter: Any, params: Any, say: Log) -> list[str]:
+    """The base model's replies (kept in samples_before.json, so a resumed run shows the same)."""
+    if not prompts:
+        return []
+    before_file = output / SAMPLES_FILE
+    if settings.resume and before_file.exists():
+        try:
+            saved = json.loads(before_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = None
+        if isinstance(saved, list) and len(saved) == len(prompts) and all(isinstance(s, str) for s in saved):
+            return saved
+    import jax
+
+    from lora_jax import init
+
+    start = adapter if adapter is not None else init(lora_config, params, jax.random.key(settings.seed))
+    say(f"generating {len(prompts)} sample(s) with the base model ...")
+    samples = generator(prompts, adapter=start, params=params)
+    before_file.write_text(json.dumps(samples, indent=2) + "\n")
+    return samples
+
+
+def _finish(finished: FinetuneResult, result: TrainResult, base: _Base, generator: Any, params: Any,
+            prompts: list[str], samples_before: list[str], started: float) -> None:
+    """The PEFT adapter, sample replies after training and summary.json."""
+    from lora_jax.peft import save_peft
+
+    settings, output = finished.settings, finished.output
+    trained_params = with_leaves(params, result.trainable_params)
+    finished.adapter_dir = Path(save_peft(
+        output / ADAPTER_DIR, result.adapter, finished.lora_config, trained_params,
+        base_model_name_or_path=base_model_path(settings.model, output), task_type="CAUSAL_LM", overwrite=True))
+    samples_after = generator(prompts, adapter=result.adapter, params=trained_params) if prompts else []
+    finished.summary = {
+        "steps": result.step, "seconds": time.perf_counter() - started,
+        "train_seconds": result.seconds, "eval_before": result.eval_before, "eval_after": result.eval_after,
+        "samples": [{"prompt": p, "before": b, "after": a}
+                    for p, b, a in zip(prompts, samples_before, samples_after)],
+        "adapter": str(finished.adapter_dir), "metrics": str(output / "metrics.jsonl"),
+        "loss_curve": str(output / "loss_curve.png"),
+    }
+    (output / SUMMARY_FILE).write_text(json.dumps(finished.summary, indent=2) + "\n")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run report ``lora-jax finetune`` prints, from a run's summary.
+
+    Example:
+        >>> print(format_summary({"steps": 60, "seconds": 75.2, "train_seconds": 61.0,
+        ...                       "eval_before": {"loss": 3.3, "perplexity": 27.1, "tokens": 900},
+        ...                       "eval_after": {"loss": 1.9, "perplexity": 6.7, "tokens": 900},
+        ...                       "samples": [], "adapter": "run/adapter", "metrics": "run/metrics.jsonl",
+        ...                       "loss_curve": "run/loss_curve.png"}))
+        <BLANKLINE>
+        Done: 60 steps in 1m15s (training 1m01s).
+        Held-out perplexity: 27.10 -> 6.70 (loss 3.3000 -> 1.9000, 900 tokens)
+        <BLANKLINE>
+        Adapter (PEFT format): run/adapter
+        Metrics: run/metrics.jsonl; loss curve: run/loss_curve.png
+    """
+    lines = [f"\nDone: {summary['steps']} steps in {_duration(summary['seconds'])} "
+             f"(training {_duration(summary['train_seconds'])})."]
+    before, after = summary["eval_before"], summary["eval_after"]
+    if before and after:
+        lines.append(f"Held-out perplexity: {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+                     f"(loss {before['loss']:.4f} -> {after['loss']:.4f}, {after['tokens']} tokens)")
+    for sample in summary["samples"]:
+        lines.append(f"\nPrompt: {sample['prompt']}")
+        lines.append(f"  before: {sample['before'] or '(empty)'}")
+        lines.append(f"  after:  {sample['after'] or '(empty)'}")
+    lines.append(f"\nAdapter (PEFT format): {summary['adapter']}")
+    lines.append(f"Metrics: {summary['metrics']}; loss curve: {summary['loss_curve']}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _describe_data(data: Sequence[str]) -> str:
+    return ", ".join(d if not Path(d).is_absolute() else Path(d).name for d in data)
+
+
+def _causal_apply(model: Any) -> Any:
+    def apply_fn(params: Any, input_ids: Any, attention_mask: Any) -> Any:
+        return model.module.apply({"params": params}, input_ids, attention_mask=attention_mask)
+    return apply_fn
+
+
+def _num_params(params: Any) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
