@@ -64,6 +64,38 @@ def train_step(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def targets(checks: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Each target's measured ratio as a bar, its threshold as a black tick on the bar's row.
+
+    Green: met; red: missed; grey: not measured. Only the checks marked ``required`` (the
+    shapes the issue names) are drawn when there are any.
+    """
+    shown = [c for c in checks if c.get("required", True)] or list(checks)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.2))
+    labels = [f"{c['target']} ({c['size']})" if "size" in c else c["target"] for c in shown]
+    values = [c["value"] if c["value"] is not None else 0.0 for c in shown]
+    colors = [{True: "tab:green", False: "tab:red", None: "tab:gray"}[c["met"]] for c in shown]
+    y = list(range(len(shown)))
+    ax.barh(y, values, color=colors)
+    for i, c in enumerate(shown):
+        ax.plot([c["threshold"]] * 2, [i - 0.4, i + 0.4], color="black", lw=2)
+        text = "not measured" if c["value"] is None else f" {c['value']:.3g} ({c['op']} {c['threshold']})"
+        ax.text(max(values[i], 0.0), i, text, va="center", fontsize=7)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.35 * max([*values, *(c["threshold"] for c in shown), 1e-9]))
+    ax.set_xlabel("measured ratio (black tick: target)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_step_targets(checks: list[dict[str, Any]], path: Path) -> None:
+    """The issue-10 target ratios of a train_step run (see :func:`targets`)."""
+    targets(checks, path, "Training step targets (issue 10): green met, red missed, grey not measured")
+
+
 def inference(rows: list[dict[str, Any]], path: Path) -> None:
     """Decode latency per token and prefill time of base / merged / unmerged LoRA."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 2.8))
@@ -141,19 +173,50 @@ def scaling(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def compile_time(rows: list[dict[str, Any]], path: Path) -> None:
+    """Lower + compile seconds of every program, unrolled and scanned (stacked: lower, compile)."""
+    layouts = sorted({r["layout"] for r in rows}, key=["unrolled", "scanned"].index)
+    fig, axes = plt.subplots(1, len(layouts), figsize=(6 * len(layouts), 0.5 * len(rows) / len(layouts) + 1.5),
+                             squeeze=False)
+    for ax, layout in zip(axes[0], layouts):
+        mine = [r for r in rows if r["layout"] == layout]
+        y = list(range(len(mine)))
+        lower = [r["lower_s"] for r in mine]
+        ax.barh(y, lower, color="tab:blue", label="trace + lower (incl. LoRA interpreter)")
+        ax.barh(y, [r["compile_s"] for r in mine], left=lower, color="tab:orange", label="XLA compile")
+        for i, r in enumerate(mine):
+            ratio = r.get("total_vs_base")
+            text = f" {r['total_s']:.1f} s" + (f"  ({ratio:.2f}x base)" if ratio is not None else "")
+            ax.text(r["total_s"], i, text, va="center", fontsize=7)
+        ax.set_yticks(y, [r["label"] for r in mine], fontsize=8)
+        ax.invert_yaxis()
+        ax.margins(x=0.3)
+        ax.set_xlabel("seconds (median over rounds)", fontsize=8)
+        ax.set_title(f"compile time, layers {layout} (target: LoRA <= 1.5x base)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON results.")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke"):
+    for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke",
+                 "compile_time", "compile_time_smoke"):
         path = args.out_dir / f"{stem}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
         if stem.startswith("train_step"):
             train_step(data["results"], path.with_suffix(".png"))
+            if data.get("targets"):
+                train_step_targets(data["targets"], path.with_name(f"{stem}_targets.png"))
         elif stem.startswith("inference"):
             inference(data["rows"], path.with_suffix(".png"))
+        elif stem.startswith("compile_time"):
+            compile_time(data["rows"], path.with_suffix(".png"))
         else:
             scaling(data, path.with_suffix(".png"))
         print(f"wrote {path.with_suffix('.png')}")
