@@ -475,6 +475,31 @@ def join_trees(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def init_qwix_lora(abstract_lora: dict[str, Any], key: Any) -> dict[str, Any]:
+    """Values for qwix's LoRA leaves: ``*_lora_a`` he-uniform, ``*_lora_b`` zero (qwix's defaults).
+
+    Example:
+        >>> import jax
+        >>> leaves = {"q": {"kernel_lora_a": jax.ShapeDtypeStruct((4, 2), "float32"),
+        ...                 "kernel_lora_b": jax.ShapeDtypeStruct((2, 4), "float32")}}
+        >>> out = init_qwix_lora(leaves, jax.random.key(0))
+        >>> out["q"]["kernel_lora_a"].shape, float(abs(out["q"]["kernel_lora_b"]).max())
+        ((4, 2), 0.0)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_lora)
+    keys = jax.random.split(key, len(paths))
+    values = []
+    for (path, leaf), k in zip(paths, keys):
+        if path[-1].key.endswith("_lora_a"):
+            values.append(jax.nn.initializers.he_uniform()(k, leaf.shape, leaf.dtype))
+        else:
+            values.append(jnp.zeros(leaf.shape, leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
 def qwix_model(module: Any, targets: str, rank: int, *, weight_qtype: str | None = None,
                tile_size: int | None = None) -> Any:
     """``module`` with qwix LoRA (alpha = 2r, like every lora_jax variant here) on ``targets``.
@@ -500,8 +525,9 @@ def qwix_train_step(module: Any, params: Any, targets: str, rank: int = 8, *, ke
 
     Returns ``(jitted step, (trainable, opt_state, frozen))`` like :func:`jax_train_step`.
     The base params are ``params`` (so every variant starts from the same model); qwix's
-    ``init`` supplies the LoRA leaves (A he-uniform, B zero) and, for QLoRA, the layout of
-    the quantized kernels, into which ``qwix.quantize_params`` quantizes ``params``.
+    ``init``, traced abstractly, gives the LoRA leaves' shapes (initialised as qwix does:
+    :func:`init_qwix_lora`) and, for QLoRA, the layout of the quantized kernels, into which
+    ``qwix.quantize_params`` quantizes ``params``.
     """
     import jax
     import numpy as np
@@ -515,8 +541,9 @@ def qwix_train_step(module: Any, params: Any, targets: str, rank: int = 8, *, ke
     if _is_abstract(params):
         trainable, frozen = abstract_lora, abstract_rest
     else:
-        # The LoRA leaves only: initialising the whole wrapped model would make a second base.
-        trainable = split_qwix_lora(jax.jit(model.init)(key, example)["params"])[0]
+        # The LoRA leaves as qwix's LoraRule initialises them (A he-uniform, B zero), without
+        # initialising (and compiling) a second copy of the whole base.
+        trainable = init_qwix_lora(abstract_lora, key)
         frozen = qwix.quantize_params(params, abstract_rest) if weight_qtype else params
     step_loss = forward_loss(lambda p, ids, **kw: model.apply({"params": p}, ids, **kw), module, settings)
 

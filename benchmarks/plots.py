@@ -199,12 +199,30 @@ def compile_time(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def gpu(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Per shape: median step time and MFU (against the nominal or, failing that, measured peak)."""
+    sizes = list(results)
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 2.8 * len(sizes)), squeeze=False)
+    for (left, right), size in zip(axes, sizes):
+        rows = results[size]
+        labels = [r["label"] for r in rows]
+        colors = ["tab:green" if r["variant"].startswith("qwix") else "tab:blue" for r in rows]
+        _bars(left, labels, [r["step_ms"] for r in rows], colors, f"{size}: median step time (bf16)", "ms")
+        key = "mfu_nominal" if rows[0].get("mfu_nominal") is not None else "mfu_measured"
+        mfu = [100 * r[key] if r.get(key) is not None else float("nan") for r in rows]
+        _bars(right, labels, mfu, colors, f"{size}: MFU ({key[4:]} bf16 peak)", "% of peak")
+    fig.suptitle("Training step on the accelerator: blue = lora_jax / JAX, green = qwix", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON results.")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke",
-                 "compile_time", "compile_time_smoke"):
+                 "compile_time", "compile_time_smoke", "gpu", "gpu_smoke"):
         path = args.out_dir / f"{stem}.json"
         if not path.exists():
             continue
@@ -215,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                 train_step_targets(data["targets"], path.with_name(f"{stem}_targets.png"))
         elif stem.startswith("inference"):
             inference(data["rows"], path.with_suffix(".png"))
+        elif stem.startswith("gpu"):
+            gpu(data["results"], path.with_suffix(".png"))
         elif stem.startswith("compile_time"):
             compile_time(data["rows"], path.with_suffix(".png"))
         else:
