@@ -217,12 +217,37 @@ def gpu(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def mixed_batch(rows: list[dict[str, Any]], checks: list[dict[str, Any]], path: Path) -> None:
+    """Prefill and decode throughput against the number of adapters: lora_jax vs PEFT,
+    with lora_jax's base model and single adapter as horizontal lines."""
+    by_key = {r["variant"]: r for r in rows}
+    ns = sorted({r["adapters"] for r in rows if r["mixed"]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        x = list(range(len(ns)))
+        for offset, (framework, color) in zip((-0.2, 0.2), (("lora_jax", "tab:blue"), ("peft", "tab:orange"))):
+            values = [by_key.get(f"{framework}_mixed_{n}", {}).get(f"{phase}_tokens_per_s", float("nan")) for n in ns]
+            ax.bar([i + offset for i in x], values, width=0.4, color=color, label=f"{framework} mixed batch")
+        for key, style in (("lora_jax_single", "--"), ("lora_jax_base", ":")):
+            if key in by_key:
+                ax.axhline(by_key[key][f"{phase}_tokens_per_s"], color="tab:blue", ls=style,
+                           label=key.replace("lora_jax_", "lora_jax ") + (" adapter" if key.endswith("single") else ""))
+        ax.set_xticks(x, [str(n) for n in ns])
+        ax.set_xlabel("distinct adapters in the batch")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"{phase} throughput", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON results.")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke",
-                 "compile_time", "compile_time_smoke", "gpu", "gpu_smoke"):
+                 "compile_time", "compile_time_smoke", "gpu", "gpu_smoke", "mixed_batch", "mixed_batch_smoke"):
         path = args.out_dir / f"{stem}.json"
         if not path.exists():
             continue
@@ -233,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                 train_step_targets(data["targets"], path.with_name(f"{stem}_targets.png"))
         elif stem.startswith("inference"):
             inference(data["rows"], path.with_suffix(".png"))
+        elif stem.startswith("mixed_batch"):
+            mixed_batch(data["rows"], data["targets"], path.with_suffix(".png"))
         elif stem.startswith("gpu"):
             gpu(data["results"], path.with_suffix(".png"))
         elif stem.startswith("compile_time"):
