@@ -242,12 +242,49 @@ def mixed_batch(rows: list[dict[str, Any]], checks: list[dict[str, Any]], path: 
     plt.close(fig)
 
 
+def qlora(results: dict[str, list[dict[str, Any]]], checks: list[dict[str, Any]], path: Path) -> None:
+    """Per shape: compiled memory (arguments + temporaries, stacked) and, when run, step time."""
+    sizes = list(results)
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 3.0 * len(sizes)), squeeze=False)
+    for (left, right), size in zip(axes, sizes):
+        rows = [r for r in results[size] if "skipped" not in r]
+        labels = [r["label"] for r in rows]
+        y = list(range(len(rows)))
+        args = [r["argument_mib"] for r in rows]
+        left.barh(y, args, color="tab:blue", label="arguments (frozen base, adapter, AdamW, batch)")
+        left.barh(y, [r["temp_mib"] for r in rows], left=args, color="tab:orange", label="temporaries")
+        for i, r in enumerate(rows):
+            left.text(r["args_plus_temps_mib"], i, f" {r['args_plus_temps_mib']:.0f}", va="center", fontsize=7)
+        left.set_yticks(y, labels, fontsize=8)
+        left.invert_yaxis()
+        left.margins(x=0.2)
+        left.set_xlabel("MiB (XLA memory_analysis)", fontsize=8)
+        left.set_title(f"{size}: compiled memory", fontsize=9)
+        left.legend(fontsize=7, loc="lower right")
+        skipped = [r["label"] for r in results[size] if "skipped" in r]
+        if skipped:
+            left.text(0.01, -0.25, "skipped (waits on lora_jax): " + ", ".join(skipped), transform=left.transAxes,
+                      fontsize=7, color="tab:red")
+        if any("step_ms" in r for r in rows):
+            colors = ["tab:green" if r["side"] == "qwix" else "tab:blue" for r in rows]
+            _bars(right, labels, [r.get("step_ms", float("nan")) for r in rows], colors, f"{size}: median step time",
+                  "ms")
+        else:
+            right.axis("off")
+            right.text(0.5, 0.5, "compiled only (not run)", ha="center", va="center", fontsize=9)
+    fig.suptitle("LoRA step on float / quantized frozen bases (blue: lora_jax, green: qwix)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON results.")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     for stem in ("train_step", "train_step_smoke", "inference", "inference_smoke", "scaling", "scaling_smoke",
-                 "compile_time", "compile_time_smoke", "gpu", "gpu_smoke", "mixed_batch", "mixed_batch_smoke"):
+                 "compile_time", "compile_time_smoke", "gpu", "gpu_smoke", "mixed_batch", "mixed_batch_smoke",
+                 "qlora", "qlora_smoke"):
         path = args.out_dir / f"{stem}.json"
         if not path.exists():
             continue
@@ -258,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 train_step_targets(data["targets"], path.with_name(f"{stem}_targets.png"))
         elif stem.startswith("inference"):
             inference(data["rows"], path.with_suffix(".png"))
+        elif stem.startswith("qlora"):
+            qlora(data["results"], data["targets"], path.with_suffix(".png"))
         elif stem.startswith("mixed_batch"):
             mixed_batch(data["rows"], data["targets"], path.with_suffix(".png"))
         elif stem.startswith("gpu"):
