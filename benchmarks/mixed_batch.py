@@ -26,7 +26,7 @@ single-adapter time; decode at 16 adapters >= 2x PEFT's tokens/s.
 
 Usage::
 
-    python benchmarks/mixed_batch.py                 # SmolLM2-135M shape: ~10 min on 2 quiet cores
+    python benchmarks/mixed_batch.py                 # SmolLM2-135M shape: ~15 min on 2 quiet cores
     python benchmarks/mixed_batch.py --layers 10     # the issue's PEFT figure was taken at 10 layers
     python benchmarks/mixed_batch.py --smoke         # tiny shape, seconds
 """

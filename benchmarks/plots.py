@@ -245,7 +245,7 @@ def mixed_batch(rows: list[dict[str, Any]], checks: list[dict[str, Any]], path: 
 def qlora(results: dict[str, list[dict[str, Any]]], checks: list[dict[str, Any]], path: Path) -> None:
     """Per shape: compiled memory (arguments + temporaries, stacked) and, when run, step time."""
     sizes = list(results)
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 3.0 * len(sizes)), squeeze=False)
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 3.4 * len(sizes)), squeeze=False)
     for (left, right), size in zip(axes, sizes):
         rows = [r for r in results[size] if "skipped" not in r]
         labels = [r["label"] for r in rows]
@@ -257,14 +257,14 @@ def qlora(results: dict[str, list[dict[str, Any]]], checks: list[dict[str, Any]]
             left.text(r["args_plus_temps_mib"], i, f" {r['args_plus_temps_mib']:.0f}", va="center", fontsize=7)
         left.set_yticks(y, labels, fontsize=8)
         left.invert_yaxis()
-        left.margins(x=0.2)
         left.set_xlabel("MiB (XLA memory_analysis)", fontsize=8)
-        left.set_title(f"{size}: compiled memory", fontsize=9)
-        left.legend(fontsize=7, loc="lower right")
         skipped = [r["label"] for r in results[size] if "skipped" in r]
+        title = f"{size}: compiled memory"
         if skipped:
-            left.text(0.01, -0.25, "skipped (waits on lora_jax): " + ", ".join(skipped), transform=left.transAxes,
-                      fontsize=7, color="tab:red")
+            title += "\nskipped (waits on lora_jax): " + ", ".join(skipped)
+        left.set_title(title, fontsize=8)
+        left.set_xlim(0, 1.6 * max([r["args_plus_temps_mib"] for r in rows] + [1e-9]))
+        left.legend(fontsize=7, loc="upper right")
         if any("step_ms" in r for r in rows):
             colors = ["tab:green" if r["side"] == "qwix" else "tab:blue" for r in rows]
             _bars(right, labels, [r.get("step_ms", float("nan")) for r in rows], colors, f"{size}: median step time",

@@ -12,7 +12,9 @@ On a small Llama-architecture model (so the whole sweep takes minutes on two cor
   LoRA, full fine-tuning); ``compile`` is XLA's.
 
 All variants are compiled in this one process and then timed round by round, so they
-share the machine's background load; step time is the median over rounds.
+share the machine's background load; step time is the median over rounds. Each row's
+achieved GFLOP/s is also given as ``fraction_of_peak`` of ``benchmarks/peak.py``'s float32
+matmul peak (``--peak measure``, the default, runs it first; or ``--peak PATH``).
 
 Usage::
 
@@ -84,7 +86,7 @@ def runner(compiled: Any, args: tuple[Any, ...]) -> Any:
     return run
 
 
-def sweep(spec: dict[str, Any]) -> dict[str, Any]:
+def sweep(spec: dict[str, Any], peak: dict[str, Any] | None = None) -> dict[str, Any]:
     """Rank and target sweeps (compiled, then timed together) and the depth sweep (compiled only)."""
     variants: dict[str, dict[str, Any]] = {}
     variants["full"] = dict(kind="full")
@@ -123,6 +125,9 @@ def sweep(spec: dict[str, Any]) -> dict[str, Any]:
         r["gflops_vs_full"] = r["gflops"] / full["gflops"]
         r["gflops_vs_floor"] = r["gflops"] / frozen["gflops"]
         r["total_mib_vs_full"] = r["total_mib"] / full["total_mib"]
+    for r in [*ranks, *targets, full, frozen]:
+        r["achieved_gflops_per_s"] = r["gflops"] / (r["step_ms"] / 1e3)
+        r["fraction_of_peak"] = common.fraction_of_peak(r["achieved_gflops_per_s"], peak, "float32")
 
     depth = []
     for layers in spec["depths"]:
@@ -139,13 +144,15 @@ def sweep(spec: dict[str, Any]) -> dict[str, Any]:
 def tables(result: dict[str, Any]) -> str:
     f = common.fmt
     head = ["variant", "trainable params", "step ms", "time / full", "time / floor", "GFLOP", "GFLOP / full",
-            "GFLOP / floor", "compiled MiB", "compiled / full"]
+            "GFLOP / floor", "compiled MiB", "compiled / full", "of peak"]
 
     def line(label: str, r: dict[str, Any]) -> list[str]:
+        share = r.get("fraction_of_peak")
         return [label, f"{r['trainable_params']:,}", f(r["step_ms"], 1), f(r.get("time_vs_full", 1.0)),
                 f(r.get("time_vs_floor")),
                 f(r["gflops"], 2), f(r.get("gflops_vs_full", 1.0), 3), f(r.get("gflops_vs_floor"), 3),
-                f(r["total_mib"], 1), f(r.get("total_mib_vs_full", 1.0), 3)]
+                f(r["total_mib"], 1), f(r.get("total_mib_vs_full", 1.0), 3),
+                "-" if share is None else f"{100 * share:.0f}%"]
 
     full, frozen = result["full"], result["frozen"]
     rank_rows = [line(f"LoRA q,v r={r['rank']}", r) for r in result["rank"]]
@@ -170,14 +177,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shape, two ranks (seconds)")
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS, help="where JSON and PNG go")
+    common.add_peak_argument(parser)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     common.limit_threads()
     started = time.perf_counter()
     spec = SMOKE if args.smoke else FULL
-    result = sweep(spec)
+    peak = common.resolve_peak(args.peak, args.out_dir, args.smoke)
+    result = sweep(spec, peak)
     stem = "scaling_smoke" if args.smoke else "scaling"
-    payload = {"environment": common.environment(), "smoke": args.smoke,
+    payload = {"environment": common.environment(), "smoke": args.smoke, "peak": peak,
                "spec": {k: v for k, v in spec.items()}, **result, "runtime_s": time.perf_counter() - started}
     common.write_json(args.out_dir / f"{stem}.json", payload)
     if not args.no_plot:

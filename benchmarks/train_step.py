@@ -39,7 +39,7 @@ params (never run): FLOPs and memory only.
 
 Usage::
 
-    python benchmarks/train_step.py            # tiny, smollm2-135m (run), llama-1b (compiled): ~25 min quiet
+    python benchmarks/train_step.py            # tiny, smollm2-135m (run), llama-1b (compiled): ~10 min quiet
     python benchmarks/train_step.py --smoke    # tiny only, 2 timed steps per variant
     python benchmarks/train_step.py --sizes smollm2-135m llama-1b --remat dots --chunked-loss
 """

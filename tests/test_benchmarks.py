@@ -111,6 +111,7 @@ def test_scaling_smoke_sweeps_rank_targets_and_depth(tmp_path):
     params = [r["trainable_params"] for r in ranks]
     assert params[1] * ranks[0]["rank"] == params[0] * ranks[1]["rank"]  # A and B grow linearly in r
     assert [r["targets"] for r in data["targets"]] == data["spec"]["targets"]
+    assert all(r["fraction_of_peak"] > 0 for r in ranks) and data["peak"]["peak_gflops_per_s"]["float32"] > 0
     assert {(r["layers"], r["scanned"]) for r in data["depth"]} == {
         (d, s) for d in data["spec"]["depths"] for s in (False, True)}
 
