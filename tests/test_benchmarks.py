@@ -201,7 +201,9 @@ def test_qlora_abstract_layout_of_a_quantized_model_equals_quantizing_it():
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [(x.shape, x.dtype) for x in jax.tree.leaves(expected)]
 
 
-def test_qwix_step_compiles_from_abstract_params_with_the_same_flops():
+@pytest.mark.parametrize("weight_qtype", [None, "nf4"])
+def test_qwix_step_compiles_from_abstract_params_with_the_same_flops(weight_qtype):
+    # The 1B shape is compiled from abstract params only: that path must build the same program.
     jax = pytest.importorskip("jax")
     import common
     import jax.numpy as jnp
@@ -210,8 +212,9 @@ def test_qwix_step_compiles_from_abstract_params_with_the_same_flops():
     ids = jnp.asarray(common.token_batch(size))
     flops = []
     for abstract in (False, True):
-        module, params = common.jax_model(size["hf"], abstract=abstract)
-        step, args = common.qwix_train_step(module, params, "q,v", 8)
+        module, params = common.jax_model(size["hf"], abstract=abstract, dtype="bfloat16" if weight_qtype else "float32")
+        step, args = common.qwix_train_step(module, params, "q,v", 8, weight_qtype=weight_qtype,
+                                            tile_size=64 if weight_qtype else None)
         flops.append(common.compile_stats(step, *args, jax.ShapeDtypeStruct(ids.shape, ids.dtype))[1]["gflops"])
     assert flops[0] == flops[1] > 0
 
