@@ -317,6 +317,10 @@ class _WriteErrors:
         checkpoints = self.checkpoints
         step = checkpoints._pending
         where = checkpoints.directory / str(step) if step is not None else checkpoints.directory
+        try:  # let orbax's other writer threads finish, or they may recreate what we remove
+            checkpoints._manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure, already being reported
+            pass
         _remove_partial(checkpoints.directory, step)  # never leave a half-written checkpoint
         intact = checkpoints.all_steps()
         kept = f"checkpoint {intact[-1]} is the newest intact one" if intact else "no checkpoint is intact"
