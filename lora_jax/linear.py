@@ -56,6 +56,68 @@ class DotSpec:
     preferred_element_type: Any = None
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedView:
+    """A quantized kernel as the model sees it: casts, reshapes and transposes recorded,
+    applied only when it is dequantized (inside :func:`lora_dot`, forward and backward).
+
+    ``ops`` act on the axes after the stacked ones, so ``lax.scan`` can slice the
+    layers off ``base`` (a :class:`lora_jax.quantize.QuantizedArray`) as for any array.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.quantize import quantize_array
+        >>> view = QuantizedView.of(quantize_array(jnp.ones((64, 6)), "int8"))
+        >>> view = view.reshape((64, 2, 3)).astype(jnp.bfloat16)
+        >>> view.shape, view.dtype, dense_kernel(view).shape
+        ((64, 2, 3), dtype(bfloat16), (64, 2, 3))
+    """
+
+    base: Any
+    body: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    dtype: Any = dataclasses.field(metadata={"static": True})
+    ops: tuple[tuple[str, tuple[int, ...]], ...] = dataclasses.field(metadata={"static": True})
+
+    @classmethod
+    def of(cls, base: Any) -> QuantizedView:
+        return cls(base, tuple(base.slice_shape), base.dtype, ())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.lead_shape) + self.body
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def astype(self, dtype: Any) -> QuantizedView:
+        return dataclasses.replace(self, dtype=jnp.dtype(dtype))
+
+    def reshape(self, shape: tuple[int, ...]) -> QuantizedView:
+        """Reshape keeping the stacked axes (``shape`` includes them)."""
+        lead = self.base.lead_shape
+        body = tuple(shape[len(lead):])
+        return dataclasses.replace(self, body=body, ops=self.ops + (("reshape", body),))
+
+    def transpose(self, perm: tuple[int, ...]) -> QuantizedView:
+        """Transpose keeping the stacked axes first (``perm`` includes them)."""
+        n = len(self.base.lead_shape)
+        body_perm = tuple(p - n for p in perm[n:])
+        body = tuple(self.body[p] for p in body_perm)
+        return dataclasses.replace(self, body=body, ops=self.ops + (("transpose", body_perm),))
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        x = self.base.dequantize(self.dtype if dtype is None else dtype)
+        n = len(self.base.lead_shape)
+        for op, arg in self.ops:
+            if op == "reshape":
+                x = x.reshape(x.shape[:n] + arg)
+            else:
+                x = x.transpose(tuple(range(n)) + tuple(p + n for p in arg))
+        return x
+
+
 def dense_kernel(w: Any, dtype: Any = None) -> jax.Array:
     """``w`` as an array: quantized kernels are dequantized, arrays are returned as they are."""
     if hasattr(w, "dequantize"):
@@ -79,7 +141,8 @@ def lora_dot(x: jax.Array, xd: jax.Array | None, w: Any, a: jax.Array, b: jax.Ar
         x: the input, ``(*lead, M, K)`` (``(M, K)`` with ``spec.shared_x``).
         xd: the LoRA branch's input (after dropout), shaped like ``x``; None = ``x``.
         w: the frozen kernel, an array or a quantized array (dequantized where used).
-        a, b: the factors, already in the compute dtype.
+        a, b: the factors, already in the compute dtype; both None for a frozen kernel
+            without an adapter (a quantized kernel is still dequantized in place).
         spec: the static :class:`DotSpec`.
     """
     if xd is None:
@@ -131,10 +194,29 @@ def _delta(u: jax.Array, b: jax.Array, spec: DotSpec) -> jax.Array:
     return jnp.moveaxis(out, n, 0) if spec.shared_x else out
 
 
+def _tied(w: Any, anchor: jax.Array) -> Any:
+    """A quantized kernel made to depend on ``anchor`` (this layer's input or output
+    cotangent) without changing its values; arrays are returned as they are.
+
+    Without this, XLA sees every dequantization depend on the params alone: it merges the
+    backward pass's dequantization with the forward's (CSE) and may schedule them all
+    early, so every layer's dequantized kernel is alive at once, which is the memory
+    QLoRA exists to save. (``lax.optimization_barrier`` does not survive XLA:CPU's
+    pipeline.) Adding ``anchor[0] * 0`` to each packed child is exact for finite
+    anchors, and XLA does not fold ``x * 0`` for floats.
+    """
+    if not hasattr(w, "dequantize"):
+        return w
+    zero = anchor.reshape(-1)[0].astype(jnp.float32) * 0
+    return jax.tree.map(lambda child: child + zero.astype(child.dtype), w)
+
+
 def _forward(x: jax.Array, xd: jax.Array, w: Any, a: jax.Array, b: jax.Array,
              spec: DotSpec) -> tuple[jax.Array, jax.Array]:
-    wd = dense_kernel(w)
+    wd = dense_kernel(_tied(w, x))
     base = _base(x, wd, spec)
+    if a is None:
+        return base, None
     u = _low(xd, a, spec)
     delta = _delta(u, b, spec)
     return base + (spec.scaling * delta).astype(base.dtype), u
@@ -147,6 +229,8 @@ def _gradients(x: jax.Array, xd: jax.Array, w: Any, a: jax.Array, b: jax.Array, 
                ) -> tuple[Any, Any, Any, Any, Any]:
     """Cotangents of (x, xd, w, a, b) for output cotangent ``g``; None where not needed."""
     need_x, need_xd, need_w, need_a, need_b = need
+    if a is None:  # a frozen kernel without an adapter: only the base dot
+        need_xd = need_a = need_b = False
     n = spec.num_lead
     lead = _lead(spec)
     s = spec.scaling
@@ -161,7 +245,7 @@ def _gradients(x: jax.Array, xd: jax.Array, w: Any, a: jax.Array, b: jax.Array, 
         # gu = s * g @ Bᵀ: (*lead, M, r); g (large) on the left, contracted on its minor axis.
         gu = s * _dot(g, b, ((g_n,), (n + 1,)), (g_lead, lead), spec).astype(a.dtype)
     if need_x or need_w:
-        wd = dense_kernel(w)
+        wd = dense_kernel(_tied(w, g))
     if need_x:
         w_n = n if spec.w_transposed else n + 1
         if spec.shared_x:  # contract the lead axes too: every slice adds to the same rows
@@ -208,13 +292,23 @@ def _lora_dot(x, xd, w, a, b, spec):
     return _forward(x, xd, w, a, b, spec)[0]
 
 
+def _unwrap(primal: Any) -> tuple[Any, bool]:
+    """A ``symbolic_zeros`` primal (a pytree of ``CustomVJPPrimal``s, or None): its value and
+    whether any of its leaves is differentiated. Quantized kernels hold integer codes,
+    which are never differentiated."""
+    leaves, treedef = jax.tree.flatten(primal, is_leaf=lambda x: hasattr(x, "perturbed"))
+    values = [leaf.value for leaf in leaves]
+    perturbed = any(leaf.perturbed for leaf in leaves)
+    return jax.tree.unflatten(treedef, values), perturbed
+
+
 def _lora_dot_fwd(x, xd, w, a, b, spec):
-    need = (x.perturbed, xd.perturbed, w.perturbed and not hasattr(w.value, "dequantize"),
-            a.perturbed, b.perturbed)
-    y, u = _forward(x.value, xd.value, w.value, a.value, b.value, spec)
+    (x, px), (xd, pxd), (w, pw), (a, pa), (b, pb) = map(_unwrap, (x, xd, w, a, b))
+    need = (px, pxd, pw and not hasattr(w, "dequantize"), pa, pb)
+    y, u = _forward(x, xd, w, a, b, spec)
     # Keep only what the backward pass needs: x only for dW, xd only for dA.
-    residuals = (x.value if need[2] else None, xd.value if need[3] else None, w.value,
-                 a.value, b.value, u if need[4] else None, need)
+    residuals = (x if need[2] else None, xd if need[3] else None, w, a, b,
+                 u if need[4] else None, need)
     return y, residuals
 
 
@@ -230,11 +324,10 @@ def _lora_dot_same_input(x, w, a, b, spec):
 
 
 def _lora_dot_same_input_fwd(x, w, a, b, spec):
-    need = (x.perturbed, False, w.perturbed and not hasattr(w.value, "dequantize"),
-            a.perturbed, b.perturbed)
-    y, u = _forward(x.value, x.value, w.value, a.value, b.value, spec)
-    residuals = (x.value if (need[2] or need[3]) else None, w.value, a.value, b.value,
-                 u if need[4] else None, need)
+    (x, px), (w, pw), (a, pa), (b, pb) = map(_unwrap, (x, w, a, b))
+    need = (px, False, pw and not hasattr(w, "dequantize"), pa, pb)
+    y, u = _forward(x, x, w, a, b, spec)
+    residuals = (x if (need[2] or need[3]) else None, w, a, b, u if need[4] else None, need)
     return y, residuals
 
 

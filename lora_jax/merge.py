@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
+from lora_jax.quantize import is_quantized
 from lora_jax.tree import Adapter, check_adapter, find_targets
 
 
@@ -31,12 +32,23 @@ def lora_delta(a: jax.Array, b: jax.Array, num_lead: int, scaling: float) -> jax
     return scaling * delta.reshape(lead + in_shape + out_shape)
 
 
-def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float) -> Any:
+def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float, dequantize: bool) -> Any:
     targets = find_targets(config, params, adapter)
     check_adapter(targets, adapter)
     by_path = {t.path: t for t in targets.values()}
+    if not dequantize:
+        leaves = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0])
+        quantized = [t.module_name for t in targets.values() if is_quantized(leaves.get(t.path))]
+        if quantized:
+            raise ValueError(
+                f"Cannot fold the adapter into quantized kernels ({', '.join(quantized[:4])}"
+                f"{' ...' if len(quantized) > 4 else ''}): W + s*A@B is not representable in their "
+                "codes. Pass dequantize=True to merge into dequantized (original-dtype) kernels, or "
+                "keep the adapter unmerged.")
 
     def fold(path: Any, w: Any) -> Any:
+        if is_quantized(w):
+            w = w.dequantize()
         target = by_path.get(path)
         if target is None:
             return w
@@ -44,10 +56,11 @@ def _fold(params: Any, adapter: Adapter, config: LoraConfig, sign: float) -> Any
         delta = lora_delta(pair["lora_A"], pair["lora_B"], target.num_lead, target.scaling)
         return (w.astype(jnp.float32) + sign * delta).astype(w.dtype)
 
-    return jax.tree_util.tree_map_with_path(fold, params)
+    return jax.tree_util.tree_map_with_path(fold, params, is_leaf=is_quantized)
 
 
-def merge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
+
+def merge(params: Any, adapter: Adapter, config: LoraConfig, *, dequantize: bool = False) -> Any:
     """Params with ``W + s * A @ B`` in every targeted kernel, for the plain apply_fn.
 
     Example:
@@ -66,11 +79,16 @@ def merge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
     bfloat16 kernels lose no more than one rounding. Leaves that are not
     targeted are returned as they are (not copied). Jit it, with
     ``donate_argnums=0`` to update in place.
+
+    A QLoRA base (quantized kernels, :mod:`lora_jax.quantize`) needs
+    ``dequantize=True``: every quantized kernel is dequantized to its original dtype,
+    targeted ones with ``s * A @ B`` added in float32 (re-quantizing the merged kernel
+    would add a new quantization error, so it is left to the caller).
     """
-    return _fold(params, adapter, config, 1.0)
+    return _fold(params, adapter, config, 1.0, dequantize)
 
 
-def unmerge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
+def unmerge(params: Any, adapter: Adapter, config: LoraConfig, *, dequantize: bool = False) -> Any:
     """Undo :func:`merge`: ``W - s * A @ B`` in every targeted kernel.
 
     Example:
@@ -83,4 +101,4 @@ def unmerge(params: Any, adapter: Adapter, config: LoraConfig) -> Any:
         >>> bool(jnp.allclose(back["proj"]["kernel"], 1.0, atol=1e-6))
         True
     """
-    return _fold(params, adapter, config, -1.0)
+    return _fold(params, adapter, config, -1.0, dequantize)

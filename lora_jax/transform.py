@@ -35,8 +35,9 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax.config import LoraConfig, pattern_key
-from lora_jax.linear import DotSpec, lora_dot
+from lora_jax.linear import DotSpec, QuantizedView, dense_kernel, lora_dot
 from lora_jax.merge import lora_delta
+from lora_jax.quantize import is_quantized
 from lora_jax.tree import Adapter, check_adapter, find_targets, select_modules
 
 
@@ -91,14 +92,18 @@ class LoraValue:
         return dataclasses.replace(self, **changes)
 
     def dense(self) -> jax.Array:
-        """The exact kernel ``W + s * A @ B`` in W's dtype (the fallback)."""
+        """The exact kernel ``W + s * A @ B`` in W's dtype (the fallback); a quantized
+        kernel is dequantized (and ``W`` alone when it has no adapter)."""
+        w = dense_kernel(self.w)
+        if self.a is None:
+            return w
         if self.rows is not None:
             raise NotImplementedError(
                 f"lora_jax: in a mixed-adapter batch every use of a targeted kernel must be a dot or an "
                 f"embedding lookup; {self.name!r} is used otherwise, and one dense kernel cannot hold a "
                 "different adapter per example.")
         delta = lora_delta(self.a, self.b, self.num_lead, self.scaling)
-        return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
+        return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
 def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
@@ -129,6 +134,12 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     Mixed-adapter batches: with a stacked adapter (:func:`lora_jax.stack_adapters`)
     and ``adapter_ids`` (one slot per example along the inputs' leading axis, -1 for
     the base model alone), each example runs through its own adapter in one pass.
+
+    Quantized bases (QLoRA): kernels of ``params`` may be
+    :class:`lora_jax.quantize.QuantizedArray` leaves, targeted or not. The model is
+    traced with plain arrays of their shape, and each kernel is dequantized where a
+    dot uses it, in the forward and again in the backward pass, so no dequantized
+    kernel is kept alive between the two.
     """
 
     @functools.wraps(apply_fn)
@@ -147,8 +158,12 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
         invals = []
         for index, (path, leaf) in enumerate(paths_leaves):
             target = by_path.get(path)
+            w = QuantizedView.of(leaf) if is_quantized(leaf) else leaf
             if target is None:
-                invals.append(leaf)
+                if w is not leaf:  # a frozen quantized kernel: dequantized where it is used
+                    w = LoraValue(w=w, a=None, b=None, key=None, num_lead=len(leaf.lead_shape),
+                                  scaling=0.0, name=_module_label(path), dropout=0.0)
+                invals.append(w)
                 continue
             pair = adapter[target.module_name]
             key = None
@@ -157,7 +172,7 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
                 if target.num_lead:
                     key = jax.random.split(key, target.lead_shape)
             value = LoraValue(
-                w=leaf, a=pair["lora_A"], b=pair["lora_B"], key=key, num_lead=target.num_lead,
+                w=w, a=pair["lora_A"], b=pair["lora_B"], key=key, num_lead=target.num_lead,
                 scaling=target.scaling, name=target.module_name,
                 dropout=config.lora_dropout if use_dropout else 0.0,
             )
@@ -212,6 +227,12 @@ def _with_slots(value: LoraValue, entry: dict[str, Any], ids: jax.Array) -> Lora
                          slot_scaling=jnp.broadcast_to(scaling, lead_shape + scaling.shape))
 
 
+def _module_label(path: Any) -> str:
+    from lora_jax.tree import split_path
+
+    return ".".join(split_path(path))
+
+
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
@@ -224,7 +245,7 @@ def _trace(apply_fn: Callable[..., Any], params: Any, args: tuple[Any, ...],
     the traced argument leaves; the jaxpr's inputs are params leaves, then those.
     Non-array arguments (flags, strings) are closed over as constants.
     """
-    paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(params)
+    paths_leaves, params_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     call_leaves, call_def = jax.tree.flatten((args, kwargs))
     traced = [i for i, x in enumerate(call_leaves) if _is_array(x)]
 
@@ -236,7 +257,9 @@ def _trace(apply_fn: Callable[..., Any], params: Any, args: tuple[Any, ...],
         return apply_fn(jax.tree.unflatten(params_def, param_leaves), *call_args, **call_kwargs)
 
     traced_leaves = [call_leaves[i] for i in traced]
-    param_leaves = [leaf for _, leaf in paths_leaves]
+    # A quantized kernel is traced as a plain array of its shape: the model never sees codes.
+    param_leaves = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_quantized(leaf) else leaf
+                    for _, leaf in paths_leaves]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_leaves, traced_leaves)
     return closed, jax.tree.structure(out_shape), paths_leaves, traced_leaves
 
@@ -370,7 +393,8 @@ def _materialize(values: Sequence[Any], primitive: str, hint: str = "") -> list[
     out = []
     for value in values:
         if isinstance(value, LoraValue):
-            _warn_fallback(value.name, primitive, hint)
+            if value.a is not None:  # a frozen quantized kernel is just dequantized, quietly
+                _warn_fallback(value.name, primitive, hint)
             value = value.dense()
         out.append(value)
     return out
@@ -382,18 +406,32 @@ def _fallback(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
 
 # -- rules: kernel-shaped ops carried into A and B -------------------------------------------
 
+def _kernel_op(eqn: jcore.JaxprEqn, w: Any) -> Any:
+    """``eqn`` applied to the kernel: bound for an array, recorded on a quantized view."""
+    if not isinstance(w, QuantizedView):
+        return _bind(eqn, [w])
+    name = eqn.primitive.name
+    if name == "convert_element_type":
+        return w.astype(eqn.params["new_dtype"])
+    if name == "reshape":
+        return w.reshape(tuple(eqn.params["new_sizes"]))
+    if name == "transpose":
+        return w.transpose(tuple(eqn.params["permutation"]))
+    return w  # copies and sharding constraints leave the values alone
+
+
 def _convert_element_type(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     (value,) = invals
     if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
         return _fallback(eqn, invals)
     # A and B keep their dtype; they are cast to the kernel's dtype where used.
-    return value.replace(w=_bind(eqn, [value.w]))
+    return value.replace(w=_kernel_op(eqn, value.w))
 
 
 def _same_shape_op(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     """Ops that leave the kernel's values alone (copies, sharding constraints)."""
     (value,) = invals
-    return value.replace(w=_bind(eqn, [value.w]))
+    return value.replace(w=_kernel_op(eqn, value.w))
 
 
 def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
@@ -403,10 +441,12 @@ def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     head, rest = perm[:lead], perm[lead:]
     if head != tuple(range(lead)):
         return _fallback(eqn, invals)
+    if value.a is None:
+        return value.replace(w=_kernel_op(eqn, value.w))
     ab = value.ab_lead  # A's and B's own axes start here (after lead, and a mixed batch's slots)
     ab_axes, off = tuple(range(ab)), ab - lead
     a_range, b_range = range(lead, lead + na), range(lead + na, lead + na + nb)
-    w = _bind(eqn, [value.w])
+    w = _kernel_op(eqn, value.w)
     if all(p in a_range for p in rest[:na]):  # (a..., b...) with each group permuted
         a = value.a.transpose(ab_axes + tuple(p + off for p in rest[:na]) + (ab + na,))
         b = value.b.transpose(ab_axes + (ab,) + tuple(p - na + 1 + off for p in rest[na:]))
@@ -426,6 +466,8 @@ def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     lead = value.num_lead
     if new_sizes[:lead] != value.w.shape[:lead]:
         return _fallback(eqn, invals)
+    if value.a is None:
+        return value.replace(w=_kernel_op(eqn, value.w))
     ab = value.ab_lead
     ab_shape = value.a.shape[:ab]  # lead axes, and a mixed batch's slot axis
     a_dims, r = value.a.shape[ab:-1], value.a.shape[-1]
@@ -434,7 +476,7 @@ def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     for split in range(1, len(body)):
         if math.prod(body[:split]) == math.prod(a_dims) and math.prod(body[split:]) == math.prod(b_dims):
             return value.replace(
-                w=_bind(eqn, [value.w]),
+                w=_kernel_op(eqn, value.w),
                 a=value.a.reshape(ab_shape + body[:split] + (r,)),
                 b=value.b.reshape(ab_shape + (r,) + body[split:]),
             )
@@ -474,7 +516,14 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     k_contract, x_contract = (lc, rc) if kernel_is_lhs else (rc, lc)
     k_batch, x_batch = (lb, rb) if kernel_is_lhs else (rb, lb)
-    n, na, nb = value.num_lead, value.num_a, value.num_b
+    n = value.num_lead
+    if value.a is None:  # a frozen (quantized) kernel: split it where this dot contracts it
+        na = _frozen_split(value.w.ndim, n, k_contract)
+        if na is None:
+            return _fallback(eqn, invals)
+        nb = value.w.ndim - n - na
+    else:
+        na, nb = value.num_a, value.num_b
     lead = tuple(range(n))
     # Stacked (lead) axes of K are either batch axes of the dot or free axes (a vmap over
     # layers with a shared input gives the latter); other batch axes have no low-rank form.
@@ -504,9 +553,11 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     lead_shape = tuple(value.w.shape[:n])
     free_shape = tuple(x.shape[d] for d in x_free)
     rows = math.prod(free_shape)
-    ab = value.ab_lead
-    a_dims, b_dims = tuple(value.a.shape[ab:-1]), tuple(value.b.shape[ab + 1 :])
-    rank = value.a.shape[-1]
+    if value.a is None:
+        a_dims, b_dims = tuple(value.w.shape[n:n + na]), tuple(value.w.shape[n + na:])
+    else:
+        ab = value.ab_lead
+        a_dims, b_dims = tuple(value.a.shape[ab:-1]), tuple(value.b.shape[ab + 1 :])
     k_size = math.prod(b_dims if w_transposed else a_dims)
     xc = _reshape(xt, (rows, k_size) if shared_x else lead_shape + (rows, k_size))
     if value.rows is not None:
@@ -515,6 +566,11 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
 
     dtype = value.w.dtype
     w = _reshape(value.w, lead_shape + (math.prod(a_dims), math.prod(b_dims)))
+    if value.a is None:
+        y = lora_dot(xc, None, w, None, None, _spec(eqn, value, shared_x, w_transposed))
+        return _to_dot_layout(y, lead_shape, free_shape, b_dims if not w_transposed else a_dims,
+                              shared_x, kernel_is_lhs)
+    rank = value.a.shape[-1]
     a = _reshape(value.a, lead_shape + (math.prod(a_dims), rank)).astype(dtype)
     b = _reshape(value.b, lead_shape + (rank, math.prod(b_dims))).astype(dtype)
     if w_transposed:  # K^T = W^T + s B^T A^T: B^T plays A's part
@@ -528,8 +584,28 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     y = lora_dot(xc, xd, w, first, second, _spec(eqn, value, shared_x, w_transposed))
     if broadcast:  # (*lead, M, N) -> (M, *lead, N), the shared layout
         y, shared_x = jnp.moveaxis(y, tuple(range(n)), tuple(range(1, n + 1))), True
-    # Back to dot_general's layout: (batch, x_free, k_free) for a kernel on the right,
-    # (batch, k_free, x_free) on the left; with shared x the lead axes are K's free axes.
+    return _to_dot_layout(y, lead_shape, free_shape, k_free, shared_x, kernel_is_lhs)
+
+
+def _frozen_split(ndim: int, num_lead: int, k_contract: Sequence[int]) -> int | None:
+    """How many leading (after lead) axes of a frozen kernel count as its input, given the
+    axes a dot contracts: the contracted block if it is a prefix, the rest if a suffix."""
+    contract = sorted(k_contract)
+    if not contract or any(a < num_lead for a in contract):
+        return None
+    if contract == list(range(num_lead, num_lead + len(contract))) and len(contract) < ndim - num_lead:
+        return len(contract)
+    if contract == list(range(ndim - len(contract), ndim)) and len(contract) < ndim - num_lead:
+        return ndim - num_lead - len(contract)
+    return None
+
+
+def _to_dot_layout(y: jax.Array, lead_shape: tuple[int, ...], free_shape: tuple[int, ...],
+                   k_free: tuple[int, ...], shared_x: bool, kernel_is_lhs: bool) -> jax.Array:
+    """The canonical result back in dot_general's layout: (batch, x_free, k_free) for a
+    kernel on the right, (batch, k_free, x_free) on the left; with a shared input the
+    lead axes are the kernel's free axes."""
+    n = len(lead_shape)
     if shared_x:
         y = y.reshape(free_shape + lead_shape + k_free)
         if kernel_is_lhs:
@@ -539,7 +615,7 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     y = y.reshape(lead_shape + free_shape + k_free)
     if kernel_is_lhs:
         nf, nk = len(free_shape), len(k_free)
-        y = y.transpose(lead + tuple(range(n + nf, n + nf + nk)) + tuple(range(n, n + nf)))
+        y = y.transpose(tuple(range(n)) + tuple(range(n + nf, n + nf + nk)) + tuple(range(n, n + nf)))
     return y
 
 
@@ -555,10 +631,10 @@ def _mixed_dot(eqn: jcore.JaxprEqn, value: LoraValue, x: jax.Array, xc: jax.Arra
             f"lora_jax: mixed-adapter batch: {value.name!r} is applied to an input whose leading free axis "
             f"({free_shape[:1]}) is not the batch of {batch} examples that adapter_ids describes; "
             "mixed batches need each targeted dot's input to keep examples on its leading axis.")
-    operands = [value.w, x] if kernel_is_lhs else [x, value.w]
-    base = _bind(eqn, operands)
     dtype = value.w.dtype
     lead_shape = tuple(value.w.shape[:n])
+    w = _reshape(value.w, lead_shape + (math.prod(a_dims), math.prod(b_dims)))
+    base = lora_dot(xc, None, w, None, None, _spec(eqn, value, False, w_transposed))
     slot_a = value.a.reshape(value.a.shape[: n + 1] + (math.prod(a_dims), value.a.shape[-1])).astype(dtype)
     slot_b = value.b.reshape(value.b.shape[: n + 2] + (math.prod(b_dims),)).astype(dtype)
     if w_transposed:
@@ -573,11 +649,8 @@ def _mixed_dot(eqn: jcore.JaxprEqn, value: LoraValue, x: jax.Array, xc: jax.Arra
     low = lax.dot_general(x4, rows_a, (((n + 2,), (n + 1,)), (both, both)))        # lead, B, T, r
     delta = lax.dot_general(low, rows_b, (((n + 2,), (n + 1,)), (both, both)))     # lead, B, T, N
     delta = delta * row_scaling[..., None, None].astype(delta.dtype)
-    delta = delta.reshape(lead_shape + free_shape + k_free)
-    if kernel_is_lhs:
-        nf, nk = len(free_shape), len(k_free)
-        delta = delta.transpose(tuple(range(n)) + tuple(range(n + nf, n + nf + nk)) + tuple(range(n, n + nf)))
-    return base + delta.astype(base.dtype)
+    y = base + delta.reshape(base.shape).astype(base.dtype)
+    return _to_dot_layout(y, lead_shape, free_shape, k_free, False, kernel_is_lhs)
 
 
 def _per_example(value: LoraValue, *slotted: jax.Array) -> list[jax.Array]:
@@ -611,7 +684,8 @@ def _spec(eqn: jcore.JaxprEqn, value: LoraValue, shared_x: bool, w_transposed: b
 def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     """Embedding lookup ``E[ids]`` with E = W + s A B  ->  ``W[ids] + s A[ids] B``."""
     value, indices = invals
-    if isinstance(indices, LoraValue) or value.num_lead or value.num_a != 1 or value.num_b != 1:
+    if isinstance(indices, LoraValue) or value.a is None or value.num_lead or value.num_a != 1 \
+            or value.num_b != 1:
         return _fallback(eqn, invals)
     if value.rows is not None:
         return _mixed_gather(eqn, value, indices)
@@ -621,7 +695,7 @@ def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     if not (rows and not dnums.operand_batching_dims and tuple(dnums.offset_dims) == (out_ndim - 1,)
             and tuple(eqn.params["slice_sizes"]) == (1, value.w.shape[1])):
         return _fallback(eqn, invals)
-    base = _bind(eqn, [value.w, indices])
+    base = _bind(eqn, [dense_kernel(value.w), indices])
     a = value.a.astype(value.w.dtype)
     params = dict(eqn.primitive.get_bind_params(eqn.params), slice_sizes=(1, a.shape[1]))
     a_rows = eqn.primitive.bind(a, indices, **params)
@@ -642,7 +716,7 @@ def _mixed_gather(eqn: jcore.JaxprEqn, value: LoraValue, indices: jax.Array) -> 
             f"lora_jax: mixed-adapter batch: the lookup in {value.name!r} has token ids of shape "
             f"{tuple(indices.shape)}, not (batch={batch}, ...); mixed batches need examples on the "
             "leading axis.")
-    base = _bind(eqn, [value.w, indices])
+    base = _bind(eqn, [dense_kernel(value.w), indices])
     rows_b, row_scaling = _per_example(value, value.b)
     ids = jnp.clip(value.rows, 0, value.slot_scaling.shape[-1] - 1)
     tokens = jnp.clip(indices[..., 0], 0, value.w.shape[0] - 1)
