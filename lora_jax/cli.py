@@ -1,9 +1,11 @@
-"""The ``lora-jax`` command: fine-tune, generate, merge, export / import, info.
+"""The ``lora-jax`` command: fine-tune, generate, merge, export / import, combine, info.
 
     lora-jax finetune                      # SmolLM2-135M-Instruct on chatterbot-corpus, offline
     lora-jax finetune --tiny               # a seconds-long smoke run on a tiny random model
     lora-jax finetune --model DIR --data train.jsonl --output runs/mine --steps 500
     lora-jax generate --adapter runs/smollm2-chatterbot/adapter "What is AI?"
+    lora-jax generate --adapter a=dirA --adapter b=dirB --use a --use b "Q1" "Q2"   # one mixed batch
+    lora-jax combine --adapter a=dirA --adapter b=dirB --weights 0.5 0.5 --type ties --density 0.5 --output mix/
     lora-jax merge --adapter runs/smollm2-chatterbot/adapter --output merged/
     lora-jax export runs/smollm2-chatterbot --output adapter-step50 --step 50
     lora-jax import peft-adapter/ --model DIR --output imported/
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-jax", description="LoRA fine-tuning for JAX models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_generate, _add_merge, _add_export, _add_import, _add_info):
+    for add in (_add_finetune, _add_generate, _add_merge, _add_export, _add_import, _add_combine, _add_info):
         add(commands)
     return parser
 
@@ -229,7 +231,12 @@ def _add_generate(commands: Any) -> None:
     p = commands.add_parser("generate", help="generate text with a base model and an optional adapter")
     p.add_argument("prompt", nargs="*", help="prompts (default: read lines from stdin)")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--adapter", help="PEFT or `lora-jax import` adapter directory")
+    p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                   help="PEFT or `lora-jax import` adapter directory; repeat as NAME=DIR for several adapters "
+                        "over one base, served in one mixed batch")
+    p.add_argument("--use", action="append", metavar="NAME",
+                   help="the adapter of each prompt, in order (once: every prompt; 'base': no adapter); "
+                        "default with several adapters: every prompt with each of them")
     p.add_argument("--compare", action="store_true", help="also show the base model's reply")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--max-new-tokens", type=types["positive"], default=64)
@@ -245,14 +252,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lora_jax.train.adapter_files import resolve_base_model
     from lora_jax.train.generation import TextGenerator
 
-    adapter_dir = Path(args.adapter) if args.adapter else None
-    if adapter_dir is not None:
-        _check_adapter_dir(adapter_dir)
+    named = _named_adapters(args.adapter or [])
+    if len(named) > 1 or args.use:
+        return _generate_mixed(args, named)
+    adapter_dir = next(iter(named.values()), None)
     model = load_model(resolve_base_model(args.model, adapter_dir))
     tokenizer = load_tokenizer(model)
-    prompts = list(args.prompt) or [line.strip() for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise CliError("No prompt: pass prompts as arguments or on stdin.")
+    prompts = _prompts(args)
     options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if adapter_dir is None:
         replies = TextGenerator(model, tokenizer, chat=not args.raw, max_new_tokens=args.max_new_tokens)(
@@ -270,6 +276,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"[base]    {base_reply}\n[adapter] {reply}\n")
         else:
             print(f"{reply}\n")
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt) or [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise CliError("No prompt: pass prompts as arguments or on stdin.")
+    return prompts
+
+
+def _named_adapters(values: Sequence[str]) -> dict[str, Path]:
+    """``--adapter`` values (``DIR`` or ``NAME=DIR``) as ``{name: dir}``, checked before any model loads."""
+    named: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name or "adapter", value
+        if not name or name in ("base", "__base__"):
+            raise CliError(f"--adapter {value!r}: give the adapter a name other than 'base' (NAME=DIR).")
+        if name in named:
+            raise CliError(f"--adapter: the name {name!r} is used twice; name each adapter (NAME=DIR).")
+        named[name] = Path(path)
+        _check_adapter_dir(named[name])
+    return named
+
+
+def _generate_mixed(args: argparse.Namespace, named: dict[str, Path]) -> int:
+    """``generate`` with several adapters: one mixed batch, each prompt through its own adapter."""
+    from lora_jax import stack_adapters
+    from lora_jax.train import load_adapter, load_model, load_tokenizer
+    from lora_jax.train.adapter_files import resolve_base_model
+    from lora_jax.train.generation import TextGenerator
+
+    if not named:
+        raise CliError("--use needs adapters: pass them with --adapter NAME=DIR.")
+    known = [*named, "base"]
+    uses = list(args.use or [])
+    for use in uses:
+        if use not in known:
+            raise CliError(f"--use {use!r}: no such adapter; the adapters are {', '.join(known)}.")
+    model = load_model(resolve_base_model(args.model, next(iter(named.values()))))
+    tokenizer = load_tokenizer(model)
+    prompts = _prompts(args)
+    if uses and len(uses) not in (1, len(prompts)):
+        raise CliError(f"--use was given {len(uses)} times for {len(prompts)} prompts: give it once (every "
+                       "prompt) or once per prompt.")
+    adapters = {}
+    for name, directory in named.items():
+        adapter, config, trainable = load_adapter(directory, model.params)
+        if trainable:
+            raise CliError(f"--adapter {name}={directory}: it also trains full tensors ({', '.join(sorted(trainable))}"
+                           "), which a mixed batch cannot give each row; generate with it alone.")
+        adapters[name] = (adapter, config)
+    if uses:
+        rows = [(p, u) for p, u in zip(prompts, uses * len(prompts) if len(uses) == 1 else uses)]
+    else:
+        rows = [(p, name) for p in prompts for name in (["base"] if args.compare else []) + list(named)]
+    stacked = stack_adapters(adapters, model.params)
+    generator = TextGenerator(model, tokenizer, stacked.config, chat=not args.raw,
+                              max_new_tokens=args.max_new_tokens)
+    ids = stacked.ids([None if name == "base" else name for _, name in rows])
+    replies = generator([p for p, _ in rows], adapter=stacked.adapter, adapter_ids=ids,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    width = max(len(name) for _, name in rows) + 2
+    last = None
+    for (prompt, name), reply in zip(rows, replies):
+        if prompt != last:
+            print(f"> {prompt}")
+            last = prompt
+        print(f"{('[' + name + ']').ljust(width)} {reply}")
+    print()
     return 0
 
 
@@ -417,6 +494,61 @@ def cmd_import(args: argparse.Namespace) -> int:
         write_lora_adapter(output.path, adapter, config, trainable, str(Path(base).absolute()))
         print(f"Wrote a lora_jax adapter to {output.path} (use it with --adapter / --init-adapter, "
               "or `lora-jax export`).")
+    return 0
+
+
+# -- combine --------------------------------------------------------------------------------
+
+def _add_combine(commands: Any) -> None:
+    from lora_jax.weighted import COMBINATION_TYPES
+
+    types = _option_types()
+    p = commands.add_parser("combine", help="a weighted combination of adapters (PEFT's add_weighted_adapter)")
+    p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]DIR",
+                   help="an adapter to combine (repeat; at least one)")
+    p.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per --adapter")
+    p.add_argument("--type", dest="combination_type", default="svd", choices=COMBINATION_TYPES,
+                   help="combination type (default svd, as PEFT)")
+    p.add_argument("--svd-rank", type=types["positive"], help="rank of the svd types (default: the largest)")
+    p.add_argument("--density", type=float, help="kept fraction for ties / dare / magnitude_prune")
+    p.add_argument("--seed", type=types["seed"], default=0, help="random masks of the dare types")
+    p.add_argument("--model", help="base model (default: the first adapter's base_model_name_or_path)")
+    p.add_argument("--output", required=True, help="PEFT adapter directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous `lora-jax combine` output")
+    p.set_defaults(func=cmd_combine)
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    """``lora-jax combine``: PEFT's ``add_weighted_adapter`` as a command, written as a PEFT adapter."""
+    import jax
+
+    from lora_jax import weighted_adapter
+    from lora_jax.peft import save_peft
+    from lora_jax.train import OutputDir, load_adapter, load_model
+    from lora_jax.train.adapter_files import adapter_base_model, resolve_base_model
+
+    named = _named_adapters(args.adapter)
+    if len(args.weights) != len(named):
+        raise CliError(f"--weights has {len(args.weights)} values for {len(named)} adapters: give one per --adapter.")
+    output = OutputDir(args.output, "combine")
+    output.check(overwrite=args.overwrite)
+    first = next(iter(named.values()))
+    model = load_model(resolve_base_model(args.model, first))
+    adapters = {}
+    for name, directory in named.items():
+        adapter, config, trainable = load_adapter(directory, model.params)
+        adapters[name] = (adapter, config)
+    options = {k: v for k, v in (("svd_rank", args.svd_rank), ("density", args.density)) if v is not None}
+    if args.combination_type.startswith("dare"):
+        options["key"] = jax.random.key(args.seed)
+    adapter, config = weighted_adapter(adapters, list(args.weights), args.combination_type, params=model.params,
+                                       **options)
+    output.claim(overwrite=args.overwrite)
+    base = args.model or adapter_base_model(first)
+    path = save_peft(output.path, adapter, config, model.params, base_model_name_or_path=base,
+                     task_type="CAUSAL_LM", overwrite=True)
+    print(f"Combined {len(named)} adapters ({args.combination_type}, weights {args.weights}) into {path}: "
+          f"{len(adapter)} modules, r={config.r}.")
     return 0
 
 

@@ -55,6 +55,8 @@ class TextGenerator:
 
             def apply_fn(variables: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
                 inner = variables["params"]
+                if "adapter_ids" in inner:  # a mixed-adapter batch: each row its own slot
+                    kwargs["adapter_ids"] = inner["adapter_ids"]
                 return lora_apply({"params": inner["base"]}, inner["adapter"], *args, **kwargs)
 
             self._apply_fn = apply_fn
@@ -77,12 +79,16 @@ class TextGenerator:
 
     def __call__(self, prompts: Sequence[str], *, adapter: dict[str, Any] | None = None,
                  params: Any = None, trainable_params: dict[str, Any] | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 adapter_ids: Any = None) -> list[str]:
         """The generated text for each prompt (the prompt itself not included).
 
         ``params`` defaults to the model's; ``trainable_params`` (full-trained
         leaves by dotted name) are written into them; ``adapter`` needs the
-        ``lora_config`` given at construction. See the class example.
+        ``lora_config`` given at construction. With a stacked adapter
+        (:func:`lora_jax.stack_adapters`, its ``config`` at construction) and
+        ``adapter_ids`` (one slot per prompt, -1 = the base model), every prompt
+        runs with its own adapter in one batch. See the class example.
         """
         from lora_jax import models
 
@@ -105,8 +111,10 @@ class TextGenerator:
         else:
             if self._apply_fn is None:
                 raise ValueError("TextGenerator was built without a lora_config, so it cannot use an adapter.")
-            out = models.generate(self.model.module, {"base": params, "adapter": adapter}, ids,
-                                  apply_fn=self._apply_fn, **kwargs)
+            variables = {"base": params, "adapter": adapter}
+            if adapter_ids is not None:
+                variables["adapter_ids"] = np.asarray(adapter_ids, np.int32)
+            out = models.generate(self.model.module, variables, ids, apply_fn=self._apply_fn, **kwargs)
         new_tokens = np.asarray(out)[:, width:]
         texts = []
         for row in new_tokens:

@@ -48,13 +48,14 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
                  "summary.json", "samples_before.json"),
     "export": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"),
     "import": ("adapter", "lora_config.json"),
+    "combine": ("adapter_config.json", "adapter_model.safetensors", "README.md"),
     "merge": ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
               "added_tokens.json", "chat_template.jinja"),
 }
 SIGNATURE = {"finetune": "run.json", "export": "adapter_config.json", "import": "lora_config.json",
-             "merge": "config.json"}
+             "merge": "config.json", "combine": "adapter_config.json"}
 _OURS = (MARKER_FILE, LOCK_FILE)
 
 
