@@ -142,8 +142,9 @@ def test_each_variant_feature_changes_the_logits(variant):
     model = models.from_pretrained(path)
     base = on_tokens(model(ids, attention_mask=mask), mask)
     for label, change in FEATURES[name].items():
-        module = models.build_module({**model.config, **change})
-        changed = on_tokens(module.apply({"params": model.params}, ids, attention_mask=mask), mask)
+        config = {**model.config, **change}
+        changed = models.Model(models.build_module(config), model.params, config)
+        changed = on_tokens(changed(ids, attention_mask=mask), mask)
         assert np.abs(changed - base).max() > 1e-2, label
 
 
