@@ -283,3 +283,25 @@ def test_random_init_uses_init_std_and_mirrors_torch_names():
     assert 0.15 < q.std() < 0.25  # init_std=0.2, OPT's name for initializer_range
     positions = model.params["model"]["decoder"]["embed_positions"]["embedding"]
     assert positions.shape == (64 + 2, 32)  # OPT's offset of 2
+
+
+def test_hub_checkpoint_without_model_prefix_loads(checkpoints, tmp_path):
+    """facebook/opt-* files on the Hub name tensors ``decoder.*`` (no ``model.``) and keep a
+    tied ``lm_head.weight`` copy: both load, with no unused-tensor warning."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, path, torch_model = checkpoints("pre_ln")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    state = load_file(path / "model.safetensors")
+    renamed = {name.removeprefix("model."): value for name, value in state.items()}
+    renamed["lm_head.weight"] = renamed["decoder.embed_tokens.weight"]
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = models.from_pretrained(tmp_path)
+    ids, mask = padded_batch(seed=5)
+    np.testing.assert_allclose(on_tokens(model(ids, attention_mask=mask), mask),
+                               on_tokens(torch_logits(torch_model, ids, mask), mask),
+                               atol=1e-4, rtol=0)
