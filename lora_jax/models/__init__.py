@@ -19,19 +19,20 @@ From disk: ``models.from_pretrained("/path/to/hf-dir")`` (config.json + safetens
 or ``models.from_pretrained("model.Q4_1.gguf")``.
 
 Supported ``model_type``: llama (incl. SmolLM2, Llama 3 rope scaling), mistral, qwen2,
-gpt2, bert; GGUF files of architecture llama or qwen2. Input these cannot use raises
+gpt2, bert, opt, gemma2, gemma3_text; GGUF files of architecture llama or qwen2. Input these cannot use raises
 :class:`ModelLoadError` (a ``ValueError``) naming the file, key or tensor.
 
 Modules: ``layers`` (array maths: norms, RoPE, attention, KV cache, LM head),
 ``blocks`` (linen blocks: self-attention, MLP, layer stack), one module per family
-(``llama``, ``gpt2``, ``bert``; each ends with its ``FAMILY`` registration, see
-``family``), ``loading`` / ``hf_files`` / ``gguf`` (checkpoints in and out),
+(``llama``, ``gpt2``, ``bert``, ``opt``, ``gemma``; each ends with its ``FAMILY``
+registration, see ``family``), ``loading`` / ``hf_files`` / ``gguf`` (checkpoints in and out),
 ``generation`` and ``export`` (the merged Hugging Face checkpoint).
 """
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .export import save_merged
+from .gemma import GemmaConfig, GemmaForCausalLM
 from .generation import generate, sample_logits
 from .gguf import read_gguf
 from .gpt2 import GPT2Config, GPT2LMHeadModel
@@ -47,6 +48,7 @@ from .loading import (
     save_pretrained,
     to_hf_state_dict,
 )
+from .opt import OPTConfig, OPTForCausalLM
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -54,6 +56,8 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "BertModelOutput",
+    "GemmaConfig",
+    "GemmaForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
     "LlamaConfig",
@@ -61,6 +65,8 @@ __all__ = [
     "MissingTensorError",
     "Model",
     "ModelLoadError",
+    "OPTConfig",
+    "OPTForCausalLM",
     "build_module",
     "config_to_dict",
     "from_config",

@@ -67,14 +67,16 @@ class ConfigModule(nn.Module):
         return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 
-    def layer_norm(self, eps: float, name: str | None) -> nn.LayerNorm:
-        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias`` (see the
-        class example)."""
-        return nn.LayerNorm(epsilon=eps, use_fast_variance=False, name=name, **self.kw)
+    def layer_norm(self, eps: float, name: str | None, affine: bool = True) -> nn.LayerNorm:
+        """torch's LayerNorm: exact two-pass variance, ``scale`` and ``bias`` (none when
+        not ``affine``, torch's ``elementwise_affine=False``) (see the class example)."""
+        return nn.LayerNorm(epsilon=eps, use_fast_variance=False, use_bias=affine,
+                            use_scale=affine, name=name, **self.kw)
 
-    def rms_norm(self, eps: float, name: str | None) -> RMSNorm:
-        """Llama's RMSNorm, statistics in float32 (see the class example)."""
-        return RMSNorm(eps, name=name, **self.kw)
+    def rms_norm(self, eps: float, name: str | None, unit_offset: bool = False) -> RMSNorm:
+        """Llama's RMSNorm, statistics in float32; Gemma's ``(1 + scale)`` one with
+        ``unit_offset`` (see the class example)."""
+        return RMSNorm(eps, name=name, unit_offset=unit_offset, **self.kw)
 
     def embed(self, num_embeddings: int, features: int, name: str | None) -> nn.Embed:
         """An embedding table, init normal(0, ``config.initializer_range``) (see the class
@@ -105,6 +107,11 @@ class AttentionConfig:
         names: param names of the q, k, v and output projections.
         scale: multiplier of the scores; None for ``head_dim ** -0.5``.
         initializer_range: std of random kernels.
+        softcap: soft cap of the scaled scores (Gemma 2), or None.
+        qk_norm_eps: if set, each query and key head is RMS-normed over ``head_dim``
+            before RoPE (params ``q_norm`` / ``k_norm``, as Gemma 3 and Qwen3), with this
+            epsilon.
+        qk_norm_unit_offset: those norms scale by ``1 + scale`` (Gemma's RMSNorm).
     """
 
     num_heads: int
@@ -116,6 +123,9 @@ class AttentionConfig:
     names: tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "o_proj")
     scale: float | None = None
     initializer_range: float = 0.02
+    softcap: float | None = None
+    qk_norm_eps: float | None = None
+    qk_norm_unit_offset: bool = False
 
 
 class SelfAttention(ConfigModule):
@@ -155,9 +165,12 @@ class SelfAttention(ConfigModule):
                 batch, seq, n, cfg.head_dim)
             for name, n in heads.items()
         ]
+        if cfg.qk_norm_eps is not None:
+            q = self.rms_norm(cfg.qk_norm_eps, "q_norm", cfg.qk_norm_unit_offset)(q)
+            k = self.rms_norm(cfg.qk_norm_eps, "k_norm", cfg.qk_norm_unit_offset)(k)
         scale = cfg.head_dim**-0.5 if cfg.scale is None else cfg.scale
         out, layer_cache = attend(q, k, v, mask, scale=scale, rope=rope,
-                                  layer_cache=layer_cache, index=index)
+                                  layer_cache=layer_cache, index=index, softcap=cfg.softcap)
         if cfg.features is not None:
             out = self.dense(cfg.features, out_name, cfg.out_bias)(out)
         return out, layer_cache
@@ -286,14 +299,16 @@ class UnrolledLayers(nn.Module):
 
 def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: bool,
                 num_args: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                name: str | None = None) -> nn.Module:
+                name: str | None = None, scanned_args: Sequence[int] = ()) -> nn.Module:
     """The stack of ``num_layers`` layers, unrolled or as one ``nn.scan``-ed layer.
 
     Both are called ``stack(x, caches, *args)`` with ``num_args`` further arguments
     and return ``(x, caches)``. Unrolled, params sit under ``"0"``, ``"1"``, ...
     (:class:`UnrolledLayers`); scanned, the stack *is* the layer, its params gain a
     leading layer axis, ``caches`` is one tree with a leading layer axis, and every
-    argument is the same for all layers (no :class:`PerLayer`).
+    argument is the same for all layers (no :class:`PerLayer`) except those at the
+    positions ``scanned_args`` (0 = the first of ``args``): these carry a leading layer
+    axis and layer ``i`` gets slice ``i``, the scanned form of a :class:`PerLayer`.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -306,14 +321,29 @@ def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: b
         >>> params = jax.eval_shape(stack.init, jax.random.key(0), jnp.ones((1, 4)), None)
         >>> params["params"]["mlp"]["up_proj"]["kernel"].shape
         (3, 4, 8)
+
+        A per-layer argument under scan (here a gain per layer, as ``PerLayer`` would
+        give the unrolled stack):
+
+        >>> class Scaled(ConfigModule):
+        ...     @nn.compact
+        ...     def __call__(self, x, layer_cache, gain):
+        ...         return x * gain, layer_cache
+        >>> stack = layer_stack(Scaled, None, 3, scan=True, num_args=1, scanned_args=[0])
+        >>> stack.apply({}, jnp.ones((1, 2)), None, jnp.array([2.0, 3.0, 0.5]))[0]
+        Array([[3., 3.]], dtype=float32)
     """
     kw = {"dtype": dtype, "param_dtype": param_dtype, "name": name}
     if not scan:
         return UnrolledLayers(layer, config, num_layers, **kw)
+    bad = sorted(set(scanned_args) - set(range(num_args)))
+    if bad:
+        raise ValueError(f"scanned_args {bad} are not argument positions 0..{num_args - 1}")
+    in_axes = [0 if i in scanned_args else nn.broadcast for i in range(num_args)]
     return nn.scan(
         layer,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, *(nn.broadcast,) * num_args),
+        in_axes=(0, *in_axes),
         length=num_layers,
     )(config, **kw)

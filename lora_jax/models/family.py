@@ -113,6 +113,10 @@ class ModelFamily:
         ignored: checkpoint tensors (buffers, tied copies) skipped without a warning.
         build_options: extra ``build`` options read from the checkpoint's tensor names.
         dummy_inputs: inputs ``module.init`` can trace the model with.
+        refused: model types this family knows but does not load, each with the reason
+            (e.g. a multimodal variant of a text family); the loader raises it.
+        norm_scale_fill: the norm ``scale`` random init gives: 1, or 0 for norms that
+            multiply by ``1 + scale`` (Gemma).
     """
 
     model_types: tuple[str, ...]
@@ -124,6 +128,8 @@ class ModelFamily:
     ignored: re.Pattern[str] = re.compile(r"(?!)")  # matches nothing
     build_options: Callable[[Collection[str]], dict[str, Any]] = no_build_options
     dummy_inputs: Callable[[], tuple[Any, ...]] = token_ids
+    refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    norm_scale_fill: float = 1.0
 
 
 _REQUIRED = object()

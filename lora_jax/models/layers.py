@@ -31,7 +31,9 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 class RMSNorm(nn.Module):
     """Root-mean-square norm as in Llama: ``x / rms(x) * scale``, statistics in float32.
 
-    The param is ``scale`` of shape (dim,) (Hugging Face calls it ``weight``).
+    The param is ``scale`` of shape (dim,) (Hugging Face calls it ``weight``). With
+    ``unit_offset`` it is Gemma's norm, ``x / rms(x) * (1 + scale)`` all in float32 and
+    cast at the end (then ``scale`` starts at zero).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -40,18 +42,26 @@ class RMSNorm(nn.Module):
         ...                                                jnp.full((2, 8), 2.0))
         >>> y[0, :3], params["params"]["scale"].shape
         (Array([1., 1., 1.], dtype=float32), (8,))
+        >>> gemma = RMSNorm(eps=0.0, unit_offset=True)
+        >>> gemma.apply({"params": {"scale": jnp.full(8, 0.5)}}, jnp.full((2, 8), 2.0))[0, :3]
+        Array([1.5, 1.5, 1.5], dtype=float32)
     """
 
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        # Hugging Face normalises in float32, casts back to the input dtype, then scales.
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            # Gemma scales in float32 and casts last (transformers PR 29402).
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+        # Hugging Face's Llama normalises in float32, casts back to the input dtype, then scales.
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
@@ -183,6 +193,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------ attention
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``: squashes ``x`` smoothly into (-cap, cap); None leaves it.
+
+    Gemma 2 caps attention scores and final logits this way.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import soft_cap
+        >>> soft_cap(jnp.array([0.0, 1e6]), 30.0), soft_cap(jnp.array([100.0]), None)
+        (Array([ 0., 30.], dtype=float32), Array([100.], dtype=float32))
+    """
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
 def make_attention_mask(
     query_slots: jax.Array,
     key_slots: jax.Array,
@@ -231,6 +257,7 @@ def dot_product_attention(
     mask: jax.Array | None,
     *,
     scale: float,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; scores and softmax in float32.
 
@@ -248,6 +275,8 @@ def dot_product_attention(
             ``kv_heads`` (each KV head serves ``heads // kv_heads`` query heads).
         mask: boolean, broadcastable to (batch, 1, q, k); True = attend.
         scale: multiplier of the scores, usually ``head_dim ** -0.5``.
+        softcap: if set, scaled scores pass through :func:`soft_cap` before the mask
+            (Gemma 2's ``attn_logit_softcapping``).
 
     Returns:
         (batch, q, heads * head_dim) in the dtype of ``value``.
@@ -256,6 +285,7 @@ def dot_product_attention(
     kv_heads = key.shape[2]
     grouped = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,btkd->bkgqt", grouped, key).astype(jnp.float32) * scale
+    scores = soft_cap(scores, softcap)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
@@ -296,6 +326,7 @@ def attend(
     rope: tuple[jax.Array, jax.Array] | None = None,
     layer_cache: dict[str, jax.Array] | None = None,
     index: jax.Array | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Attention from projected heads: RoPE (if given), the KV-cache write (if a cache is
     given), then :func:`dot_product_attention`; returns ``(output, layer_cache)``.
@@ -316,13 +347,15 @@ def attend(
         rope: ``(cos, sin)`` from :func:`rope_angles`, applied to queries and keys.
         layer_cache: ``{"k", "v"}`` of the layer; then the keys are every cache slot.
         index: cache slot of this call's first token.
+        softcap: soft cap of the scaled scores (see :func:`dot_product_attention`).
     """
     if rope is not None:
         query = apply_rope(query, *rope)
         key = apply_rope(key, *rope)
     if layer_cache is not None:
         key, value, layer_cache = update_kv_cache(layer_cache, key, value, index)
-    return dot_product_attention(query, key, value, mask, scale=scale), layer_cache
+    out = dot_product_attention(query, key, value, mask, scale=scale, softcap=softcap)
+    return out, layer_cache
 
 
 def empty_kv_cache(

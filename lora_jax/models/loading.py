@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import bert, gpt2, llama
+from . import bert, gemma, gpt2, llama, opt
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .family import BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
@@ -39,10 +39,16 @@ _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bi
 # Every family this package implements; a new family is one module ending in FAMILY.
 _FAMILIES: dict[str, ModelFamily] = {
     model_type: module.FAMILY
-    for module in (llama, gpt2, bert)
+    for module in (llama, gpt2, bert, opt, gemma)
     for model_type in module.FAMILY.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
+# Model types a family knows and refuses, with the reason (e.g. multimodal Gemma 3).
+_REFUSED: dict[str, str] = {
+    model_type: reason
+    for family in _FAMILIES.values()
+    for model_type, reason in family.refused.items()
+}
 
 
 @dataclasses.dataclass
@@ -133,6 +139,10 @@ def _family(config: dict[str, Any]) -> ModelFamily:
         raise ModelLoadError(
             f"the config has no model_type; expected one of {list(SUPPORTED_MODEL_TYPES)}"
         )
+    if isinstance(model_type, str) and model_type in _REFUSED:
+        raise UnsupportedModelError(
+            f"{_REFUSED[model_type]}; supported model types: {list(SUPPORTED_MODEL_TYPES)}"
+        )
     if not isinstance(model_type, str) or model_type not in _FAMILIES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
@@ -212,13 +222,15 @@ def from_config(
     # takes seconds on CPU, and this also mirrors transformers' init (normal weights,
     # unit norm scales, zero biases).
     rng = np.random.default_rng(seed)
-    std = float(config.get("initializer_range", 0.02))
+    # OPT calls it init_std.
+    std = float(config.get("initializer_range", config.get("init_std", 0.02)))
+    family = _family(config)
 
     def fill(path: ParamPath, spec: jax.ShapeDtypeStruct) -> jax.Array:
         if path[-1] in ("kernel", "embedding"):
             value = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
         elif path[-1] == "scale":
-            value = np.ones(spec.shape, np.float32)
+            value = np.full(spec.shape, family.norm_scale_fill, np.float32)
         else:
             value = np.zeros(spec.shape, np.float32)
         return jnp.asarray(value, dtype=spec.dtype)
