@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .layers import Dtype, RMSNorm, activation, attend, dense_init
 
@@ -112,6 +113,9 @@ class AttentionConfig:
             before RoPE (params ``q_norm`` / ``k_norm``, as Gemma 3 and Qwen3), with this
             epsilon.
         qk_norm_unit_offset: those norms scale by ``1 + scale`` (Gemma's RMSNorm).
+        fused_qkv: if set, the name of one projection that computes q, k and v together
+            (Phi-3's ``qkv_proj``: outputs q, then k, then v); the q/k/v ``names`` are
+            then unused.
     """
 
     num_heads: int
@@ -126,6 +130,7 @@ class AttentionConfig:
     softcap: float | None = None
     qk_norm_eps: float | None = None
     qk_norm_unit_offset: bool = False
+    fused_qkv: str | None = None
 
 
 class SelfAttention(ConfigModule):
@@ -160,11 +165,15 @@ class SelfAttention(ConfigModule):
         batch, seq, _ = x.shape
         q_name, k_name, v_name, out_name = cfg.names
         heads = {q_name: cfg.num_heads, k_name: cfg.num_kv_heads, v_name: cfg.num_kv_heads}
-        q, k, v = [
-            self.dense(n * cfg.head_dim, name, cfg.qkv_bias)(x).reshape(
-                batch, seq, n, cfg.head_dim)
-            for name, n in heads.items()
-        ]
+        if cfg.fused_qkv is None:
+            projected = [self.dense(n * cfg.head_dim, name, cfg.qkv_bias)(x)
+                         for name, n in heads.items()]
+        else:  # one kernel; LoRA on it adapts q, k and v together, as PEFT does
+            qkv = self.dense(sum(heads.values()) * cfg.head_dim, cfg.fused_qkv, cfg.qkv_bias)(x)
+            ends = np.cumsum([n * cfg.head_dim for n in heads.values()])[:-1]
+            projected = jnp.split(qkv, ends, axis=-1)
+        q, k, v = [h.reshape(batch, seq, n, cfg.head_dim)
+                   for h, n in zip(projected, heads.values())]
         if cfg.qk_norm_eps is not None:
             q = self.rms_norm(cfg.qk_norm_eps, "q_norm", cfg.qk_norm_unit_offset)(q)
             k = self.rms_norm(cfg.qk_norm_eps, "k_norm", cfg.qk_norm_unit_offset)(k)
@@ -184,7 +193,9 @@ class MLPConfig:
     """What an :class:`MLP` computes: widths, activation, bias and param names.
 
     Three ``names`` make a gated MLP, ``down(act(gate(x)) * up(x))`` (Llama); two a
-    plain one, ``out(act(in(x)))`` (GPT-2).
+    plain one, ``out(act(in(x)))`` (GPT-2), or with ``fused_gate_up`` a gated one whose
+    first projection computes gate and up together (Phi-3's ``gate_up_proj``: the gate
+    is the first half of its output).
 
     Example:
         >>> from lora_jax.models.blocks import MLPConfig
@@ -198,17 +209,18 @@ class MLPConfig:
     use_bias: bool = False
     names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     initializer_range: float = 0.02
+    fused_gate_up: bool = False
 
     @property
     def gated(self) -> bool:
-        """Whether the MLP has a gate projection (three names).
+        """Whether the MLP has a gate projection (three names, or ``fused_gate_up``).
 
         Example:
             >>> from lora_jax.models.blocks import MLPConfig
             >>> MLPConfig(64, 16, "gelu_new", names=("c_fc", "c_proj")).gated
             False
         """
-        return len(self.names) == 3
+        return len(self.names) == 3 or self.fused_gate_up
 
 
 class MLP(ConfigModule):
@@ -230,7 +242,11 @@ class MLP(ConfigModule):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         act = activation(cfg.activation)
-        if cfg.gated:
+        if cfg.fused_gate_up:
+            gate_up, down = cfg.names
+            gate, up = jnp.split(self.dense(2 * cfg.intermediate_size, gate_up, cfg.use_bias)(x), 2, -1)
+            hidden = act(gate) * up
+        elif cfg.gated:
             gate, up, down = cfg.names
             hidden = act(self.dense(cfg.intermediate_size, gate, cfg.use_bias)(x))
             hidden = hidden * self.dense(cfg.intermediate_size, up, cfg.use_bias)(x)

@@ -44,6 +44,17 @@ def no_build_options(tensor_names: Collection[str]) -> dict[str, Any]:
     return {}
 
 
+def no_tensor_pieces(name: str, num_experts: int) -> None:
+    """``ModelFamily.tensor_pieces`` of a family whose checkpoints store every tensor whole.
+
+    Example:
+        >>> from lora_jax.models.family import no_tensor_pieces
+        >>> no_tensor_pieces("model.layers.0.mlp.experts.down_proj", 8) is None
+        True
+    """
+    return None
+
+
 def token_ids() -> tuple[np.ndarray]:
     """One (1, 1) batch of token ids: enough to trace a language model's params.
 
@@ -117,6 +128,12 @@ class ModelFamily:
             (e.g. a multimodal variant of a text family); the loader raises it.
         norm_scale_fill: the norm ``scale`` random init gives: 1, or 0 for norms that
             multiply by ``1 + scale`` (Gemma).
+        tensor_pieces: ``tensor_pieces(name, num_experts)`` -> the tensors that store
+            the fused expert stack ``name`` in transformers' original (per-expert)
+            format, as groups of per-expert names: the stack is each group's tensors
+            stacked on a new leading axis, the groups concatenated on axis 1; None for a
+            tensor stored whole. Loading reads either form; saving writes the pieces,
+            as transformers' ``save_pretrained`` does.
     """
 
     model_types: tuple[str, ...]
@@ -130,6 +147,7 @@ class ModelFamily:
     dummy_inputs: Callable[[], tuple[Any, ...]] = token_ids
     refused: Mapping[str, str] = dataclasses.field(default_factory=dict)
     norm_scale_fill: float = 1.0
+    tensor_pieces: Callable[[str, int], list[list[str]] | None] = no_tensor_pieces
 
 
 _REQUIRED = object()

@@ -118,15 +118,20 @@ def rope_inverse_frequencies(head_dim: int, rope: dict[str, Any]) -> np.ndarray:
 
     ``rope`` holds ``rope_theta``, ``rope_type`` and the scaling fields of that type, as in
     transformers' ``config.rope_parameters``. Supported types: "default", "linear" (divide
-    by ``factor``) and "llama3" (Llama 3.1's wavelength-dependent smoothing).
+    by ``factor``) and "llama3" (Llama 3.1's wavelength-dependent smoothing). With a
+    ``partial_rotary_factor`` below 1 only the first ``int(head_dim * factor)`` dims of
+    each head rotate (Phi-3 style): there are half as many frequencies as those.
 
     Example:
         >>> from lora_jax.models.layers import rope_inverse_frequencies
         >>> rope_inverse_frequencies(4, {"rope_theta": 10000.0, "rope_type": "default"})
         array([1.  , 0.01], dtype=float32)
+        >>> rope_inverse_frequencies(8, {"rope_theta": 100.0, "partial_rotary_factor": 0.5})
+        array([1. , 0.1], dtype=float32)
     """
     rope_type = rope.get("rope_type", "default")
     theta = float(rope.get("rope_theta", 10000.0))
+    head_dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
     inv_freq = (1.0 / (theta**exponents)).astype(np.float32)
     if rope_type == "default":
@@ -174,7 +179,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate ``x`` (batch, seq, heads, head_dim) by the angles from ``rope_angles``.
 
     Uses Hugging Face's "rotate half" layout: the first and second halves of each head
-    form the (real, imaginary) pairs.
+    form the (real, imaginary) pairs. Angles narrower than the head (partial rotary
+    embeddings) rotate its first ``cos.shape[-1]`` dims and pass the rest through.
 
     Example:
         >>> import jax.numpy as jnp, numpy as np
@@ -184,6 +190,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         >>> jnp.round(apply_rope(x, cos, sin), 6)  # rotated by 90 degrees
         Array([[[[-0.,  1.]]]], dtype=float32)
     """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        rotary, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+        return jnp.concatenate([apply_rope(rotary, cos, sin), passed], axis=-1)
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -146,7 +146,7 @@ class LlamaConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            sliding_windows=_sliding_windows(config, model_type, layers),
+            sliding_windows=sliding_windows(config, model_type, layers),
             rope=tuple(sorted(_rope_parameters(config).items())),
             initializer_range=read.float("initializer_range", 0.02),
         )
@@ -221,12 +221,22 @@ _ROPE_FIELDS = {
 }
 
 
-def _sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tuple:
+def sliding_windows(config: dict[str, Any], model_type: str, layers: int) -> tuple:
+    """Each layer's attention window (None = full attention) as the config of
+    ``model_type`` defines it: Mistral's in every layer, Qwen2/Qwen3's from
+    ``use_sliding_window`` and ``layer_types`` (or ``max_window_layers``), else none.
+
+    Example:
+        >>> from lora_jax.models.llama import sliding_windows
+        >>> sliding_windows({"use_sliding_window": True, "sliding_window": 8,
+        ...                  "max_window_layers": 1}, "qwen3", 3)
+        (None, 8, 8)
+    """
     if model_type == "mistral":
         # MistralConfig defaults to a 4096 window when the key is absent.
         window = config.get("sliding_window", 4096)
         return (int(window) if window else None,) * layers
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         window = config.get("sliding_window")
         if not config.get("use_sliding_window", False) or not window:
             return (None,) * layers
@@ -290,6 +300,8 @@ class LlamaModel(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # The layer of the stack; a family with another layer (Qwen3-MoE) subclasses and swaps it.
+    decoder_layer: ClassVar[type[nn.Module]] = LlamaDecoderLayer
 
     def setup(self) -> None:
         cfg = self.config
@@ -308,7 +320,7 @@ class LlamaModel(nn.Module):
             )
         # Scanned, the stack itself is "layers": its params sit directly under
         # model.layers with a leading layer axis, no index level.
-        self.layers = layer_stack(LlamaDecoderLayer, cfg, cfg.num_hidden_layers,
+        self.layers = layer_stack(self.decoder_layer, cfg, cfg.num_hidden_layers,
                                   scan=self.scan_layers, num_args=3, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
@@ -355,10 +367,11 @@ class LlamaForCausalLM(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    base_model: ClassVar[type[nn.Module]] = LlamaModel  # swapped by subclasses, like decoder_layer
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        model = LlamaModel(
+        model = self.base_model(
             self.config, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
             name="model",
         )

@@ -4,8 +4,12 @@ GGUF files, random init from a config; and the inverse, torch-layout state dicts
 A param path maps to a Hugging Face tensor name by joining the path with dots and
 renaming the leaf: ``kernel``, ``embedding`` and ``scale`` become ``weight`` (``kernel``
 transposed, except GPT-2's Conv1D kernels, which torch already stores as (in, out)).
-Scanned layers (a leading layer axis under ``model.layers``) are stacked on load and
-unstacked on export.
+A ``param`` leaf is a bare torch parameter named by its module path, stored with its
+last two axes swapped (MoE routers and expert stacks; see
+:mod:`lora_jax.peft.parameters`). Scanned layers (a leading layer axis under
+``model.layers``) are stacked on load and unstacked on export. Expert stacks load
+from either transformers' fused tensors or its original per-expert ones
+(``ModelFamily.tensor_pieces``) and are saved per expert, as transformers saves them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import bert, gemma, gpt2, llama, opt
+from lora_jax.peft.parameters import PARAMETER_LEAF
+
+from . import bert, gemma, gpt2, llama, opt, phi3, qwen3, qwen3_moe
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .family import BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
@@ -39,7 +45,7 @@ _LEAF_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bi
 # Every family this package implements; a new family is one module ending in FAMILY.
 _FAMILIES: dict[str, ModelFamily] = {
     model_type: module.FAMILY
-    for module in (llama, gpt2, bert, opt, gemma)
+    for module in (llama, gpt2, bert, opt, gemma, qwen3, phi3, qwen3_moe)
     for model_type in module.FAMILY.model_types
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_FAMILIES))
@@ -227,7 +233,7 @@ def from_config(
     family = _family(config)
 
     def fill(path: ParamPath, spec: jax.ShapeDtypeStruct) -> jax.Array:
-        if path[-1] in ("kernel", "embedding"):
+        if path[-1] in ("kernel", "embedding", PARAMETER_LEAF):
             value = rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
         elif path[-1] == "scale":
             value = np.full(spec.shape, family.norm_scale_fill, np.float32)
@@ -243,7 +249,19 @@ def from_config(
 
 
 def _hf_name(path: ParamPath) -> str:
+    if path[-1] == PARAMETER_LEAF:
+        return ".".join(path[:-1])
     return ".".join((*path[:-1], _LEAF_TO_HF[path[-1]]))
+
+
+def _torch_layout(path: ParamPath, family: ModelFamily) -> Callable[[Any], Any]:
+    """The map between a param and its torch tensor (its own inverse): a transpose for
+    ``nn.Linear`` kernels, the last two axes swapped for bare parameters, else none."""
+    if path[-1] == PARAMETER_LEAF:
+        return lambda array: np.swapaxes(array, -1, -2)
+    if path[-1] == "kernel" and family.transposed(path):
+        return lambda array: array.T
+    return lambda array: array
 
 
 def _candidate_names(name: str, prefix: str) -> list[str]:
@@ -271,32 +289,45 @@ def _load_params(
     available = set(checkpoint.keys())
     used: set[str] = set()
 
-    def fetch(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
-        name = _hf_name(path)
-        found = next(
-            (n for n in _candidate_names(name, family.base_prefix) if n in available), None
-        )
-        if found is None:
-            sample = sorted(available)[:5]
-            raise MissingTensorError(
-                f"{source}: no tensor {name!r} (param {'.'.join(path)}, shape {shape}) in the "
-                f"checkpoint; it has {len(available)} tensors, e.g. {sample}"
-            )
-        used.add(found)
-        array = checkpoint.get(found)
+    def read(name: str, torch_shape: tuple[int, ...], path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        used.add(name)
+        array = checkpoint.get(name)
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise ModelLoadError(
-                f"{source}: tensor {checkpoint.describe(found)} has dtype {array.dtype}; "
+                f"{source}: tensor {checkpoint.describe(name)} has dtype {array.dtype}; "
                 f"expected floating-point weights (param {'.'.join(path)})"
             )
-        transpose = path[-1] == "kernel" and family.transposed(path)
-        torch_shape = tuple(reversed(shape)) if transpose else tuple(shape)
         if tuple(array.shape) != torch_shape:
             raise ModelLoadError(
-                f"{source}: tensor {checkpoint.describe(found)} has shape {tuple(array.shape)}, expected "
+                f"{source}: tensor {checkpoint.describe(name)} has shape {tuple(array.shape)}, expected "
                 f"{torch_shape} (param {'.'.join(path)} of shape {tuple(shape)})"
             )
-        return array.T if transpose else array
+        return array
+
+    def find(name: str) -> str | None:
+        return next((n for n in _candidate_names(name, family.base_prefix) if n in available), None)
+
+    def fetch(path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+        name = _hf_name(path)
+        layout = _torch_layout(path, family)
+        torch_shape = tuple(layout(np.empty(shape, np.int8)).shape)
+        found = find(name)
+        if found is not None:
+            return layout(read(found, torch_shape, path, shape))
+        groups = family.tensor_pieces(name, torch_shape[0]) if torch_shape else None
+        pieces = [[find(n) for n in group] for group in groups or []]
+        if not groups or any(n is None for group in pieces for n in group):
+            sample = sorted(available)[:5]
+            also = f" or its per-expert pieces such as {groups[0][0]!r}" if groups else ""
+            raise MissingTensorError(
+                f"{source}: no tensor {name!r}{also} (param {'.'.join(path)}, shape {shape}) in the "
+                f"checkpoint; it has {len(available)} tensors, e.g. {sample}"
+            )
+        # An expert stack in per-expert tensors: stack each group, concatenate the groups.
+        piece_shape = (torch_shape[1] // len(groups), *torch_shape[2:])
+        joined = np.concatenate([np.stack([read(n, piece_shape, path, shape) for n in group])
+                                 for group in pieces], axis=1)
+        return layout(joined)
 
     flat: dict[ParamPath, jax.Array] = {}
     scan = family.scan_node
@@ -450,9 +481,10 @@ def _unwrap(params: Params) -> Params:
 
 
 def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
-    """Params as a transformers state dict: torch names and layouts, numpy arrays.
+    """Params as a transformers checkpoint state dict: torch names and layouts, numpy arrays.
 
-    Scanned layers are unstacked; tied LM heads are left out (transformers re-ties them).
+    Scanned layers are unstacked; tied LM heads are left out (transformers re-ties them);
+    fused expert stacks are written per expert, as transformers' ``save_pretrained`` does.
 
     Example:
         >>> from lora_jax.models import from_config, to_hf_state_dict
@@ -467,13 +499,21 @@ def to_hf_state_dict(config: Any, params: Params) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for path, value in flatten_dict(_unwrap(params)).items():
         array = np.asarray(value)
-        transpose = path[-1] == "kernel" and family.transposed(path)
+        layout = _torch_layout(path, family)
         if scan is not None and path[: len(scan)] == scan and not path[len(scan)].isdigit():
-            for i, layer in enumerate(array):
-                name = _hf_name((*scan, str(i), *path[len(scan) :]))
-                state[name] = np.ascontiguousarray(layer.T if transpose else layer)
+            per_layer = [(_hf_name((*scan, str(i), *path[len(scan):])), layer)
+                         for i, layer in enumerate(array)]
         else:
-            state[_hf_name(path)] = np.ascontiguousarray(array.T if transpose else array)
+            per_layer = [(_hf_name(path), array)]
+        for name, tensor in per_layer:
+            tensor = layout(tensor)
+            groups = family.tensor_pieces(name, tensor.shape[0]) if tensor.ndim else None
+            if groups is None:
+                state[name] = np.ascontiguousarray(tensor)
+                continue
+            for group, part in zip(groups, np.split(tensor, len(groups), axis=1)):
+                for piece_name, piece in zip(group, part):
+                    state[piece_name] = np.ascontiguousarray(piece)
     return state
 
 
