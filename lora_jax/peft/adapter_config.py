@@ -57,7 +57,6 @@ _UNSUPPORTED_SETTINGS = {
     "kasa_config": "KaSA (kasa_config) is not supported",
     "trainable_token_indices": "trainable tokens (trainable_token_indices) are not supported",
     "layer_replication": "layer_replication is not supported",
-    "target_parameters": "LoRA on bare parameters (target_parameters) is not supported",
 }
 # Initialisations after which PEFT's base weights differ from the pretrained ones.
 _BASE_MUTATING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
@@ -73,6 +72,7 @@ def to_adapter_config(
     base_model_name_or_path: str | None,
     task_type: str | None,
     saved_paths: Sequence[str] | None,
+    parameters: Mapping[str, Target] | None = None,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict PEFT needs to rebuild exactly the exported modules.
 
@@ -94,6 +94,8 @@ def to_adapter_config(
         base_model_name_or_path, task_type: recorded as given.
         saved_paths: torch paths of the ``modules_to_save`` modules when a
             ``name_map`` renames them, else None.
+        parameters: torch parameter path -> target, one per exported bare parameter
+            (PEFT's ``target_parameters``, written as exact paths).
 
     Returns:
         Every key peft 0.21 writes; ``target_modules``, ``rank_pattern`` and
@@ -108,9 +110,10 @@ def to_adapter_config(
         task_type=task_type,
     )
     paths = sorted(exported)
+    parameters = dict(parameters or {})
     spec = config.target_modules
     keep_spec = False
-    if spec != "all-linear":
+    if spec != "all-linear" and not parameters:  # a spec that selects parameters is not PEFT's
         if module_paths is not None:
             selected = {p for p in module_paths if matches(spec, p)}
             if config.exclude_modules is not None:
@@ -136,24 +139,27 @@ def to_adapter_config(
         key = pattern_key(patterns, path)
         return default if key is None else patterns[key]
 
+    everything = {**exported, **parameters}  # PEFT keys a parameter's rank by its path
     consistent = all(
         peft_value(config.rank_pattern, config.r, p) == t.rank
         and peft_value(config.alpha_pattern, config.lora_alpha, p) == config.alpha(t.module_name)
-        for p, t in exported.items()
+        for p, t in everything.items()
     )
     if consistent:
         out["rank_pattern"] = dict(config.rank_pattern)
         out["alpha_pattern"] = dict(config.alpha_pattern)
     else:
         def key(path: str) -> str:  # PEFT matches keys as suffixes: anchor if another path ends alike
-            return ("^" if any(q != path and q.endswith("." + path) for q in paths) else "") + path
+            return ("^" if any(q != path and q.endswith("." + path) for q in everything) else "") + path
 
-        out["rank_pattern"] = {key(p): t.rank for p, t in sorted(exported.items()) if t.rank != config.r}
+        out["rank_pattern"] = {key(p): t.rank for p, t in sorted(everything.items()) if t.rank != config.r}
         out["alpha_pattern"] = {
-            key(p): config.alpha(t.module_name) for p, t in sorted(exported.items())
+            key(p): config.alpha(t.module_name) for p, t in sorted(everything.items())
             if config.alpha(t.module_name) != config.lora_alpha
         }
 
+    if parameters:
+        out["target_parameters"] = sorted(parameters)
     if config.modules_to_save:
         out["modules_to_save"] = list(config.modules_to_save if saved_paths is None else saved_paths)
     return out
@@ -216,6 +222,7 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rank_pattern": (lambda v: v is None or isinstance(v, dict), "an object mapping module patterns to ranks"),
     "alpha_pattern": (lambda v: v is None or isinstance(v, dict),
                       "an object mapping module patterns to lora_alpha values"),
+    "target_parameters": (lambda v: v is None or _is_str_list(v), "a list of parameter names or null"),
 }
 _PATTERN_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rank_pattern": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -260,6 +267,7 @@ class AdapterSettings:
     modules_to_save: tuple[str, ...] = ()
     fan_in_fan_out: bool = False
     layers_pattern: str | tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] = ()
 
     def rank(self, torch_path: str) -> tuple[int, str]:
         """``(rank, which key gives it)`` for a torch module path, by PEFT's ``rank_pattern`` rule."""
@@ -338,6 +346,7 @@ def read_settings(peft_config: Any, source: str) -> AdapterSettings:
         fan_in_fan_out=bool(peft_config.get("fan_in_fan_out", False)),
         layers_pattern=layers_pattern if isinstance(layers_pattern, str) or layers_pattern is None
         else tuple(layers_pattern),
+        target_parameters=tuple(peft_config.get("target_parameters") or ()),
     )
 
 

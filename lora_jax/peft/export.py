@@ -39,6 +39,7 @@ from lora_jax.peft.naming import (
     path_mapper,
     stack_container,
 )
+from lora_jax.peft.parameters import is_parameter, parameter_tensors
 from lora_jax.tree import Adapter, Target, check_adapter, find_targets, named_leaves
 
 # PEFT's EMBEDDING_LAYER_NAMES: naming one in target_modules makes its
@@ -281,7 +282,10 @@ def to_peft(
         targets = find_targets(config, params, adapter)
     check_adapter(targets, adapter)
 
-    items: list[tuple[str, np.ndarray, str]] = []
+    # Bare torch parameters (MoE experts, routers) are PEFT target_parameters, keyed apart.
+    parameters = {name: target for name, target in targets.items() if is_parameter(target)}
+    targets = {name: target for name, target in targets.items() if name not in parameters}
+    items, exported_parameters = parameter_tensors(parameters, adapter, config, to_torch, patterns)
     exported: dict[str, Target] = {}  # torch path -> target, one per layer of a stacked target
     for name, target in targets.items():
         unknown = sorted(set(adapter[name]) - set(ENTRY_KEYS))
@@ -318,8 +322,9 @@ def to_peft(
         tensors[key] = _finite_tensor(value, np.dtype(dtype), source)
         origin[key] = source
     names_unchanged = name_map is None and not any(t.num_lead for t in targets.values())
-    peft_config = to_adapter_config(config, exported, module_paths, names_unchanged,
-                                    base_model_name_or_path, task_type, saved_paths)
+    peft_config = to_adapter_config(config, exported, module_paths, names_unchanged and not parameters,
+                                    base_model_name_or_path, task_type, saved_paths,
+                                    parameters=exported_parameters)
     return tensors, peft_config
 
 

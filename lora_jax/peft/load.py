@@ -28,6 +28,7 @@ from lora_jax.peft.errors import PeftFormatError
 from lora_jax.peft.files import CONFIG_NAME, find_adapter_dir, read_config, read_tensors
 from lora_jax.peft.keys import ENTRY_KEYS, full_key_parts, parse_key
 from lora_jax.peft.naming import NameMap, ParamsIndex, in_modules, layer_patterns, path_mapper
+from lora_jax.peft.parameters import PARAMETER_LEAF, read_parameter_factors
 from lora_jax.tree import Adapter, KeyPath, check_adapter, find_targets
 
 
@@ -360,14 +361,26 @@ def from_peft(
     in_axes = dict(in_axes or {})
     kernel_names = tuple(kernel_names)
     index = ParamsIndex(params, path_mapper(name_map), layer_patterns(settings.layers_pattern), source)
+    # PEFT target_parameters (MoE experts, routers) first: their keys name no lora_jax module.
+    wrapped, wrapped_settings, tensors = read_parameter_factors(
+        tensors, settings.target_parameters, index, settings.rank, settings.alpha,
+        lambda key, value: _checked_tensor(key, value, source, floating=True), source)
     factors, full = _group_keys(tensors, index, source)
-    if not factors:
+    if not factors and not wrapped:
         raise PeftFormatError(
             f"{source} holds no LoRA tensors (keys ending in .lora_A.weight or .lora_embedding_A)."
         )
 
     adapter: Adapter = {}
     ranks, alphas, num_ins, stacked = {}, {}, {}, []
+    for module, entry in wrapped.items():
+        adapter[module] = {k: jnp.asarray(v, dtype) for k, v in entry.items()}
+        ranks[module], alphas[module], is_stacked = wrapped_settings[module]
+        num_ins[module] = 1
+        if is_stacked:
+            stacked.append(module)
+    if wrapped and PARAMETER_LEAF not in kernel_names:
+        kernel_names = (*kernel_names, PARAMETER_LEAF)
     for module, layers in factors.items():
         entry, ranks[module], alphas[module], num_ins[module], is_stacked = _adapter_pair(
             module, layers, index, settings, in_axes, kernel_names, source)

@@ -23,7 +23,8 @@ Strategies (``param_specs``):
 - ``"tp"``: Megatron-style tensor parallelism over the model axis: the output
   axis of column-parallel projections (``q/k/v/gate/up_proj``, ``lm_head``
   and their biases), the input axis of row-parallel ones (``o_proj``,
-  ``down_proj``), the vocabulary axis of embedding tables; the rest is
+  ``down_proj``), the vocabulary axis of embedding tables, the expert axis of
+  MoE expert stacks (``experts.gate_up_proj``: expert parallelism); the rest is
   replicated. On a ``(data, model)`` mesh this is DP x TP.
 - ``"fsdp_tp"``: ``"tp"`` on the model axis, then FSDP on the data axis.
 
@@ -39,6 +40,7 @@ layouts), :mod:`~lora_jax.sharding.placement` (putting trees and batches on the 
 from lora_jax.sharding.checkpoint import checkpoint_shapes, restore_sharded, save_sharded
 from lora_jax.sharding.layout import (
     COLUMN_PARALLEL,
+    EXPERT_PARALLEL,
     ROW_PARALLEL,
     STRATEGIES,
     AxisName,
@@ -58,6 +60,7 @@ from lora_jax.sharding.step import make_sharded_step, sharded_merge
 
 __all__ = [
     "COLUMN_PARALLEL",
+    "EXPERT_PARALLEL",
     "ROW_PARALLEL",
     "STRATEGIES",
     "AxisName",

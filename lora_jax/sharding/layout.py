@@ -34,6 +34,10 @@ COLUMN_PARALLEL = (
     "lm_head",
 )
 ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "c_proj", "fc2", "wo", "w2")
+# Parent module of MoE expert stacks (..., experts, in, out): tensor parallelism splits the
+# expert axis (expert parallelism), so each device runs whole experts and no gate/up pair
+# of a fused gate_up_proj is cut apart.
+EXPERT_PARALLEL = ("experts",)
 
 _KERNEL_NAMES = ("kernel", "embedding")
 
@@ -211,8 +215,10 @@ def _leaf_spec(module_name: str, leaf_name: str, shape: tuple[int, ...], sizes: 
     if strategy in ("tp", "fsdp_tp"):
         num_in = config.num_in_axes(module_name) if config is not None else 1
         model_size = sizes[model_axis]
-        for axis in _tensor_parallel_axes(module_name, leaf_name, ndim, num_lead, num_in,
-                                          kernel_names):
+        expert_axis = _expert_axis(module_name, ndim)
+        axes = [expert_axis] if expert_axis is not None else _tensor_parallel_axes(
+            module_name, leaf_name, ndim, num_lead, num_in, kernel_names)
+        for axis in axes:
             if shape[axis] % model_size == 0:
                 entries[axis] = model_axis
                 break
@@ -224,6 +230,14 @@ def _leaf_spec(module_name: str, leaf_name: str, shape: tuple[int, ...], sizes: 
             largest = max(free, key=lambda axis: shape[axis])  # first of equal sizes
             entries[largest] = data_axis
     return PartitionSpec(*entries)
+
+
+def _expert_axis(module_name: str, ndim: int) -> int | None:
+    """The expert axis of an expert stack (``EXPERT_PARALLEL``), else None."""
+    parts = module_name.split(".")
+    if len(parts) >= 2 and parts[-2] in EXPERT_PARALLEL and ndim >= 3:
+        return ndim - 3
+    return None
 
 
 def _tensor_parallel_axes(module_name: str, leaf_name: str, ndim: int, num_lead: int,
