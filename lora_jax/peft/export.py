@@ -39,7 +39,7 @@ from lora_jax.peft.naming import (
     path_mapper,
     stack_container,
 )
-from lora_jax.peft.parameters import is_parameter, parameter_tensors
+from lora_jax.peft.parameters import check_moe_module_names, is_parameter, parameter_tensors
 from lora_jax.tree import Adapter, Target, check_adapter, find_targets, named_leaves
 
 # PEFT's EMBEDDING_LAYER_NAMES: naming one in target_modules makes its
@@ -304,6 +304,7 @@ def to_peft(
             exported[path] = target
     module_paths = saved_paths = None
     if params is not None:
+        check_moe_module_names(targets, params)
         full, module_paths = _full_tensors(params, config, targets, to_torch, patterns, save_embedding_layers)
         items += full
         if config.modules_to_save and name_map is not None:

@@ -38,7 +38,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.peft.errors import PeftFormatError
 from lora_jax.peft.keys import parse_key
 from lora_jax.peft.naming import ParamsIndex, layer_paths, stack_container
-from lora_jax.tree import Target
+from lora_jax.tree import Target, named_leaves
 
 # The leaf name of a bare torch parameter in a lora_jax params tree.
 PARAMETER_LEAF = "param"
@@ -46,13 +46,18 @@ PARAMETER_LEAF = "param"
 # (MixtralExperts, Qwen3MoeExperts, ...): PEFT nests its wrappers in this order.
 REGISTRATION_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 _WRAPPED = ".base_layer"
+# Module names that peft 0.21, on a transformers-5 MoE model, rewrites from
+# target_modules into target_parameters (the experts' stacks and the router): its
+# conversion of adapters trained on transformers 4, where experts were nn.Linear
+# modules. A dense MLP of such a model cannot be targeted in PEFT under these names.
+PEFT_MOE_REMAPPED_NAMES = ("gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 def is_parameter(target: Target) -> bool:
     """Whether ``target`` is a bare torch parameter (PEFT ``target_parameters``), not a module.
 
     Example:
-        >>> from lora_jax.tree import Target
+        >>> from lora_jax.tree import Target, named_leaves
         >>> from lora_jax.peft.parameters import is_parameter
         >>> is_parameter(Target("m.experts.down_proj", (), "param", (4, 8, 6), None, 1, 1, 2, 1.0))
         True
@@ -92,6 +97,39 @@ def wrapper_modules(parameter_paths: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def check_moe_module_names(module_names: Iterable[str], params: Any) -> None:
+    """Raise ``ValueError`` if PEFT would load LoRA on ``module_names`` into other tensors.
+
+    On a model with expert stacks (a ``param`` leaf under a module named ``experts``),
+    peft 0.21 moves every target module named one of :data:`PEFT_MOE_REMAPPED_NAMES`
+    to the experts' parameters, so an adapter on, e.g., a dense layer's ``down_proj``
+    would silently load as LoRA on the experts.
+
+    Example:
+        >>> import numpy as np
+        >>> from lora_jax.peft.parameters import check_moe_module_names
+        >>> params = {"l": {"0": {"mlp": {"down_proj": {"kernel": np.zeros((4, 4))}}},
+        ...                 "1": {"mlp": {"experts": {"down_proj": {"param": np.zeros((2, 4, 4))}}}}}}
+        >>> check_moe_module_names(["l.0.mlp.down_proj"], params)
+        Traceback (most recent call last):
+        ...
+        ValueError: PEFT cannot hold LoRA on ['l.0.mlp.down_proj'] of this mixture-of-experts model: peft 0.21 on transformers 5 reads target modules named gate, gate_proj, up_proj, down_proj, w1, w2 or w3 as the experts' parameters (its conversion of transformers-4 adapters). Target other modules, or save the merged model instead (lora_jax.models.save_merged).
+    """
+    clash = [n for n in module_names if n.rsplit(".", 1)[-1] in PEFT_MOE_REMAPPED_NAMES]
+    if not clash:
+        return
+    has_experts = any(leaf_name == PARAMETER_LEAF and ".experts." in f".{module}"
+                      for _, module, leaf_name, _ in named_leaves(params))
+    if has_experts:
+        raise ValueError(
+            f"PEFT cannot hold LoRA on {clash[:6]}{' ...' if len(clash) > 6 else ''} of this mixture-of-experts "
+            "model: peft 0.21 on transformers 5 reads target modules named "
+            f"{', '.join(PEFT_MOE_REMAPPED_NAMES[:-1])} or {PEFT_MOE_REMAPPED_NAMES[-1]} as the experts' "
+            "parameters (its conversion of transformers-4 adapters). Target other modules, or save the merged "
+            "model instead (lora_jax.models.save_merged)."
+        )
+
+
 def matches_target_parameters(spec: Sequence[str], path: str) -> bool:
     """PEFT's rule for ``target_parameters``: an exact torch parameter path or a dotted suffix.
 
@@ -120,7 +158,7 @@ def check_parameter_target(target: Target, patterns: tuple[str, ...]) -> None:
     layer), or a 3-D expert stack whose expert axis is the adapter's one leading axis.
 
     Example:
-        >>> from lora_jax.tree import Target
+        >>> from lora_jax.tree import Target, named_leaves
         >>> from lora_jax.peft.parameters import check_parameter_target
         >>> check_parameter_target(Target("m.layers.0.experts.down_proj", (), "param", (4, 8, 6),
         ...                               None, 0, 1, 2, 1.0), ("layers",))
