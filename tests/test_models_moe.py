@@ -72,7 +72,8 @@ def test_router_logits_and_choices_equal_torch(moe):
     with torch.no_grad():
         out = reference(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_router_logits=True)
     model = models.from_pretrained(path)
-    _, state = model.module.apply({"params": model.params}, ids, attention_mask=mask, mutable=["intermediates"])
+    _, state = jax.jit(lambda p: model.module.apply({"params": p}, ids, attention_mask=mask,
+                                                    mutable=["intermediates"]))(model.params)
     layers = state["intermediates"]["model"]["layers"]
     assert sorted(layers) == ["0", "2"]  # the sparse layers, as transformers records them
     valid = mask.reshape(-1).astype(bool)
@@ -141,11 +142,11 @@ def test_expert_lora_stays_on_the_low_rank_path_and_equals_the_merged_model(moe)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoraFallbackWarning)
         ours = lora_logits(model, model.params, adapter, config, ids, mask)
-        grads = jax.grad(lambda a: lora_jax.lora(
-            lambda p, x: model.module.apply({"params": p}, x), config)(model.params, a, ids).sum())(adapter)
+        apply = lora_jax.lora(lambda p, x: model.module.apply({"params": p}, x), config)
+        grads = jax.jit(jax.grad(lambda a: apply(model.params, a, ids).sum()))(adapter)
     merged = lora_jax.merge(model.params, adapter, config)
-    assert_close_on_tokens(ours, np.asarray(model.module.apply({"params": merged}, ids, attention_mask=mask)),
-                           mask, atol=1e-5)
+    assert_close_on_tokens(ours, np.asarray(models.Model(model.module, merged, model.config)(
+        ids, attention_mask=mask)), mask, atol=1e-5)
     assert float(abs(grads["model.layers.2.mlp.experts.gate_up_proj"]["lora_A"]).sum()) > 0
 
 
@@ -227,6 +228,13 @@ def test_per_expert_tensor_disagreeing_with_the_config_names_it_and_both_shapes(
     with pytest.raises(models.ModelLoadError, match=r"tensor 'model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight'"
                        r".*has shape \(32, 16\), expected \(32, 8\)"):
         models.from_pretrained(tmp_path)
+
+
+def test_models_and_peft_agree_on_the_leaf_name_of_bare_parameters():
+    from lora_jax.models.family import PARAMETER_LEAF
+    from lora_jax.peft.parameters import PARAMETER_LEAF as PEFT_PARAMETER_LEAF
+
+    assert PARAMETER_LEAF == PEFT_PARAMETER_LEAF == EXPERT_LORA["kernel_names"][-1]
 
 
 def test_bad_moe_settings_are_refused():

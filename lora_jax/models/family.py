@@ -20,6 +20,10 @@ import numpy as np
 from .errors import ModelLoadError
 
 ParamPath = tuple[str, ...]
+# The leaf name of a bare torch nn.Parameter (an MoE router or expert stack): its torch
+# name is its module path, its layout the torch tensor's with the last two axes swapped.
+# lora_jax.peft.parameters.PARAMETER_LEAF is the same name (the models import no core).
+PARAMETER_LEAF = "param"
 
 
 def every_kernel(path: ParamPath) -> bool:

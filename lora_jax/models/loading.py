@@ -28,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from lora_jax.peft.parameters import PARAMETER_LEAF
-
 from . import bert, gemma, gpt2, llama, opt, phi3, qwen3, qwen3_moe
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
-from .family import BuildSettings, ModelFamily, ParamPath
+from .family import PARAMETER_LEAF, BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
 from .hf_files import SafetensorsCheckpoint, checkpoint_files, read_json_object, refuse_remote_code
 from .layers import Dtype

@@ -1,8 +1,8 @@
 """A sparse mixture-of-experts feed-forward block: a top-k router and a stack of gated
 experts, as transformers 5 lays out Qwen3-MoE and Mixtral.
 
-Params (mirroring transformers' bare ``nn.Parameter``s; see
-:data:`lora_jax.peft.parameters.PARAMETER_LEAF` for the ``param`` leaf)::
+Params (mirroring transformers' bare ``nn.Parameter``s in ``param`` leaves, see
+:data:`lora_jax.models.family.PARAMETER_LEAF`)::
 
     gate.weight.param               (hidden, experts)                  the router
     experts.gate_up_proj.param      (experts, hidden, 2 * intermediate)
@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax.peft.parameters import PARAMETER_LEAF
-
 from .blocks import ConfigModule
+from .family import PARAMETER_LEAF
 from .layers import Dtype, activation, dense_init
 
 

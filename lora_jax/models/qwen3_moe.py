@@ -15,13 +15,18 @@ layout) or per expert (``mlp.experts.<e>.{gate,up,down}_proj.weight``, the relea
 checkpoints and what ``save_pretrained`` writes); both load.
 
 LoRA on the experts, as PEFT's ``target_parameters=["mlp.experts.gate_up_proj",
-"mlp.experts.down_proj"]``: the ``param`` leaves are not ``kernel``s (so "all-linear"
-leaves them out, as PEFT's does), so name them and their expert axis::
+"mlp.experts.down_proj"]``: the ``param`` leaves are not ``kernel``s, so name them and
+their expert axis (unrolled layers only: in scanned layers an expert adapter would need
+two leading axes)::
 
     LoraConfig(target_modules=["q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj"],
                kernel_names=("kernel", "embedding", "param"), stacked_modules=r".*\\.experts\\..*")
 
-(unrolled layers only: in scanned layers an expert adapter would need two leading axes).
+"all-linear" selects the ``kernel``s (attention, dense MLPs). peft 0.21 on transformers 5
+reads "all-linear" and the names ``gate`` / ``gate_proj`` / ``up_proj`` / ``down_proj`` on
+this model as the router and the experts (its conversion of transformers-4 adapters, with
+rank 2r on ``gate_up_proj``); such adapters load here exactly, and ``save_peft`` refuses
+LoRA on dense MLPs, which PEFT would load onto the experts.
 """
 
 from __future__ import annotations
