@@ -243,3 +243,13 @@ def test_bad_moe_settings_are_refused():
         models.from_config({**base, "num_experts_per_tok": 8})
     with pytest.raises(models.ModelLoadError, match="mlp_only_layers"):
         models.from_config({**base, "mlp_only_layers": "1"})
+
+
+def test_expert_adapter_saved_without_params_is_refused_not_misnamed(moe, tmp_path):
+    path, _ = moe
+    model = models.from_pretrained(path)
+    config = LoraConfig(r=2, target_modules=["experts.down_proj"], **EXPERT_LORA)
+    adapter = random_adapter(config, model.params)
+    with pytest.raises(ValueError, match="already names its layer.*pass params"):
+        lora_jax.save_peft(tmp_path / "out", adapter, config)
+    assert not (tmp_path / "out").exists()

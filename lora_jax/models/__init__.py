@@ -19,14 +19,16 @@ From disk: ``models.from_pretrained("/path/to/hf-dir")`` (config.json + safetens
 or ``models.from_pretrained("model.Q4_1.gguf")``.
 
 Supported ``model_type``: llama (incl. SmolLM2, Llama 3 rope scaling), mistral, qwen2,
-gpt2, bert, opt, gemma2, gemma3_text; GGUF files of architecture llama or qwen2. Input these cannot use raises
-:class:`ModelLoadError` (a ``ValueError``) naming the file, key or tensor.
+qwen3, phi3 (4k variants), qwen3_moe, gpt2, bert, opt, gemma2, gemma3_text; GGUF files of
+architecture llama or qwen2. Input these cannot use raises :class:`ModelLoadError` (a
+``ValueError``) naming the file, key or tensor.
 
 Modules: ``layers`` (array maths: norms, RoPE, attention, KV cache, LM head),
 ``blocks`` (linen blocks: self-attention, MLP, layer stack), one module per family
-(``llama``, ``gpt2``, ``bert``, ``opt``, ``gemma``; each ends with its ``FAMILY``
-registration, see ``family``), ``loading`` / ``hf_files`` / ``gguf`` (checkpoints in and out),
-``generation`` and ``export`` (the merged Hugging Face checkpoint).
+(``llama``, ``qwen3``, ``phi3``, ``qwen3_moe`` with the ``moe`` block, ``gpt2``, ``bert``,
+``opt``, ``gemma``; each ends with its ``FAMILY`` registration, see ``family``), ``loading``
+/ ``hf_files`` / ``gguf`` (checkpoints in and out), ``generation`` and ``export`` (the merged
+Hugging Face checkpoint).
 """
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput

@@ -90,6 +90,13 @@ def _with_layer(path: str, index: int, patterns: tuple[str, ...], module_name: s
         return path.replace(LAYER_PLACEHOLDER, str(index))
     parts = path.split(".")
     for j, part in enumerate(parts):
+        if part in patterns and j + 1 < len(parts) and parts[j + 1].isdigit():
+            raise ValueError(
+                f"Stacked module {module_name!r} (torch path {path!r}) already names its layer, so its "
+                "leading axis is not a layer axis. An MoE expert stack (a bare torch parameter) is "
+                "written as PEFT's target_parameters: pass params (or jax.eval_shape of them) to "
+                "save_peft so that it can tell."
+            )
         if part in patterns:
             return ".".join(parts[: j + 1] + [str(index)] + parts[j + 1 :])
     raise ValueError(
