@@ -130,3 +130,15 @@ def adapter_round_trip(model: models.Model, base_path, tmp_path, ids, mask, *, o
     loaded = lora_jax.load_peft(tmp_path / "theirs", model.params)
     assert_close_on_tokens(lora_logits(model, loaded.params, loaded.adapter, loaded.config, ids, mask),
                            torch_logits(trained, ids, mask), mask, atol)
+
+
+def assert_bfloat16_tracks_float32(path, ids, mask) -> None:
+    """Params and activations in bfloat16 stay as close to the float32 logits as transformers'
+    own bfloat16 run does (within twice its error)."""
+    reference = torch_logits(load_torch(path), ids, mask)
+    theirs = torch_logits(load_torch(path).to(torch.bfloat16), ids, mask)
+    half = models.from_pretrained(path, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    valid = np.asarray(mask).astype(bool)
+    ours_error = np.abs(np.asarray(half(ids, attention_mask=mask)) - reference)[valid].max()
+    assert ours_error <= 2 * np.abs(theirs - reference)[valid].max() + 1e-3, ours_error

@@ -15,6 +15,7 @@ import torch
 import transformers
 from hf_oracle import (
     adapter_round_trip,
+    assert_bfloat16_tracks_float32,
     assert_close_on_tokens,
     left_padded,
     load_torch,
@@ -108,6 +109,11 @@ def test_fused_checkpoint_loads_like_the_per_expert_one(moe, tmp_path):
     fused, per_expert = models.from_pretrained(tmp_path), models.from_pretrained(path)
     for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(per_expert.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_tracks_float32_as_closely_as_transformers(moe):
+    path, _ = moe
+    assert_bfloat16_tracks_float32(path, *left_padded(VOCAB, seed=8))
 
 
 def test_greedy_generation_equals_transformers_generate(tmp_path):

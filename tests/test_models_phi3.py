@@ -10,6 +10,7 @@ import pytest
 import transformers
 from hf_oracle import (
     adapter_round_trip,
+    assert_bfloat16_tracks_float32,
     assert_close_on_tokens,
     left_padded,
     load_torch,
@@ -79,6 +80,11 @@ def test_peft_adapters_on_the_fused_modules_both_ways(phi3, tmp_path, targets):
         ours=LoraConfig(r=4, lora_alpha=8, target_modules=targets, alpha_pattern={"gate_up_proj": 3}),
         theirs=peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, rank_pattern={"gate_up_proj": 2}),
     )
+
+
+def test_bfloat16_tracks_float32_as_closely_as_transformers(phi3):
+    path, _ = phi3
+    assert_bfloat16_tracks_float32(path, *left_padded(VOCAB, seed=5))
 
 
 def test_save_pretrained_loads_in_transformers(phi3, tmp_path):
