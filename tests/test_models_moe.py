@@ -259,3 +259,19 @@ def test_expert_adapter_saved_without_params_is_refused_not_misnamed(moe, tmp_pa
     with pytest.raises(ValueError, match="already names its layer.*pass params"):
         lora_jax.save_peft(tmp_path / "out", adapter, config)
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_parallelism_splits_the_expert_axis(moe):
+    from jax.sharding import PartitionSpec as P
+
+    from lora_jax import sharding
+
+    path, _ = moe
+    shapes = jax.eval_shape(lambda: models.from_pretrained(path).params)
+    config = LoraConfig(r=2, target_modules=["q_proj", "experts.down_proj"], **EXPERT_LORA)
+    specs = sharding.param_specs(shapes, {"data": 2, "model": 3}, "fsdp_tp", config=config)
+    experts = specs["model"]["layers"]["0"]["mlp"]["experts"]
+    assert experts["down_proj"]["param"] == P("model", None, "data")  # (6 experts, 16, 32)
+    assert experts["gate_up_proj"]["param"] == P("model", "data", None)  # (6, 32, 32)
+    adapter = sharding.adapter_shardings(config, shapes, specs)["model.layers.0.mlp.experts.down_proj"]
+    assert adapter == {"lora_A": P("model", None, None), "lora_B": P("model", None, "data")}
