@@ -275,3 +275,13 @@ def test_tensor_parallelism_splits_the_expert_axis(moe):
     assert experts["gate_up_proj"]["param"] == P("model", "data", None)  # (6, 32, 32)
     adapter = sharding.adapter_shardings(config, shapes, specs)["model.layers.0.mlp.experts.down_proj"]
     assert adapter == {"lora_A": P("model", None, None), "lora_B": P("model", None, "data")}
+
+
+def test_expert_adapter_with_dropout_is_refused_as_peft_refuses_it(moe, tmp_path):
+    path, _ = moe
+    model = models.from_pretrained(path)
+    config = LoraConfig(r=2, target_modules=["experts.down_proj"], lora_dropout=0.1, **EXPERT_LORA)
+    adapter = random_adapter(config, model.params)
+    with pytest.raises(ValueError, match=r"does not work with lora_dropout.*replace\(lora_dropout=0\.0\)"):
+        lora_jax.save_peft(tmp_path / "out", adapter, config, model.params)
+    lora_jax.save_peft(tmp_path / "out", adapter, config.replace(lora_dropout=0.0), model.params)

@@ -101,8 +101,8 @@ class _Parameter(nn.Module):
 def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
     """transformers' top-k routing: ``(weights, experts)``, each (..., top_k).
 
-    Softmax over the experts in float32, the ``top_k`` largest probabilities (ties to the
-    lower expert index, as ``torch.topk``), renormalised when ``norm_topk_prob``, cast
+    Softmax over the experts in float32, the ``top_k`` largest probabilities (``lax.top_k``:
+    exact ties go to the lower expert index), renormalised when ``norm_topk_prob``, cast
     back to the dtype of ``logits``.
 
     Example:

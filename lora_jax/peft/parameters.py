@@ -57,7 +57,7 @@ def is_parameter(target: Target) -> bool:
     """Whether ``target`` is a bare torch parameter (PEFT ``target_parameters``), not a module.
 
     Example:
-        >>> from lora_jax.tree import Target, named_leaves
+        >>> from lora_jax.tree import Target
         >>> from lora_jax.peft.parameters import is_parameter
         >>> is_parameter(Target("m.experts.down_proj", (), "param", (4, 8, 6), None, 1, 1, 2, 1.0))
         True
@@ -158,7 +158,7 @@ def check_parameter_target(target: Target, patterns: tuple[str, ...]) -> None:
     layer), or a 3-D expert stack whose expert axis is the adapter's one leading axis.
 
     Example:
-        >>> from lora_jax.tree import Target, named_leaves
+        >>> from lora_jax.tree import Target
         >>> from lora_jax.peft.parameters import check_parameter_target
         >>> check_parameter_target(Target("m.layers.0.experts.down_proj", (), "param", (4, 8, 6),
         ...                               None, 0, 1, 2, 1.0), ("layers",))
@@ -252,7 +252,9 @@ def parameter_tensors(
         if on:
             raise ValueError(
                 f"PEFT's target_parameters (lora.ParamWrapper) does not work with {why}, so an adapter on "
-                f"parameters {sorted(targets)[:4]} with it cannot be saved in PEFT's format."
+                f"parameters {sorted(targets)[:4]} with it cannot be saved in PEFT's format"
+                + (" (a trained adapter is the same without dropout: save it with "
+                   "config.replace(lora_dropout=0.0))." if why.startswith("lora_dropout") else ".")
             )
     per_layer = []
     for name, target in targets.items():
