@@ -6,6 +6,9 @@ would have; :func:`eval_batches` lays out held-out examples once::
 
     loader = BatchLoader(examples, batch_size=8, seq_len=128, seed=0, pad_id=0)
     batch = loader.batch(step)   # {"input_ids", "attention_mask", "loss_mask"}
+
+The training loop takes any :class:`BatchSource`: this loader, or
+:class:`~lora_jax.train.streaming.StreamingBatches` for data read as it trains.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -47,6 +51,37 @@ class DataPosition:
 
     epoch: int
     index: int
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the training loop needs from its training data (:class:`BatchLoader` is one).
+
+    ``data_position(step)`` is JSON stored in the checkpoint made after
+    ``step`` steps; ``resume_at(step, position)`` gets it back on resume and
+    raises ``ValueError`` (saying what changed) when the data no longer fits.
+
+    Example:
+        >>> from lora_jax.train.tokenize import Example
+        >>> import numpy as np
+        >>> loader = BatchLoader([Example(np.arange(1, 5, dtype=np.int32), np.ones(4, bool))] * 3,
+        ...                      batch_size=2, seq_len=8, seed=0, pad_id=0)
+        >>> isinstance(loader, BatchSource)
+        True
+    """
+
+    rows_per_step: int
+
+    @property
+    def fingerprint(self) -> str | None: ...
+
+    def batch(self, step: int) -> Batch: ...
+
+    def position(self, step: int) -> DataPosition: ...
+
+    def data_position(self, step: int) -> dict[str, Any]: ...
+
+    def resume_at(self, step: int, position: dict[str, Any]) -> None: ...
 
 
 class BatchLoader:
@@ -89,6 +124,11 @@ class BatchLoader:
         self.rows_per_step = batch_size * grad_accum
         self.steps_per_epoch = len(self._plan(0))
 
+    @property
+    def fingerprint(self) -> None:
+        """None: the training loop fingerprints the examples themselves."""
+        return None
+
     def position(self, step: int) -> DataPosition:
         """The epoch and batch index of global step ``step``.
 
@@ -101,6 +141,38 @@ class BatchLoader:
             DataPosition(epoch=2, index=1)
         """
         return DataPosition(step // self.steps_per_epoch, step % self.steps_per_epoch)
+
+    def data_position(self, step: int) -> dict[str, Any]:
+        """Where step ``step``'s batch comes from, as the checkpoint records it.
+
+        Example:
+            >>> from lora_jax.train.tokenize import Example
+            >>> import numpy as np
+            >>> loader = BatchLoader([Example(np.arange(4, dtype=np.int32), np.ones(4, bool))] * 4,
+            ...                      batch_size=2, seq_len=8, seed=0, pad_id=0)
+            >>> loader.data_position(3)
+            {'epoch': 1, 'batch': 1, 'steps_per_epoch': 2}
+        """
+        position = self.position(step)
+        return {"epoch": position.epoch, "batch": position.index, "steps_per_epoch": self.steps_per_epoch}
+
+    def resume_at(self, step: int, position: dict[str, Any]) -> None:
+        """Check a checkpoint's ``data_position`` against this data (batches are a function of the step).
+
+        Example:
+            >>> from lora_jax.train.tokenize import Example
+            >>> import numpy as np
+            >>> loader = BatchLoader([Example(np.arange(4, dtype=np.int32), np.ones(4, bool))] * 4,
+            ...                      batch_size=2, seq_len=8, seed=0, pad_id=0)
+            >>> loader.resume_at(3, {"epoch": 1, "batch": 1, "steps_per_epoch": 3})
+            Traceback (most recent call last):
+            ...
+            ValueError: the checkpoint's data had 3 batches per epoch, this run's has 2; the data or batching changed.
+        """
+        saved = position.get("steps_per_epoch", self.steps_per_epoch)
+        if saved != self.steps_per_epoch:
+            raise ValueError(f"the checkpoint's data had {saved} batches per epoch, this run's has "
+                             f"{self.steps_per_epoch}; the data or batching changed.")
 
     def batch(self, step: int) -> Batch:
         """The batch for global step ``step``, arrays of shape ``(grad_accum, batch_size, L)``.

@@ -38,7 +38,7 @@ import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.init import init
-from lora_jax.train.batches import Batch, BatchLoader, bucket_lengths, eval_batches
+from lora_jax.train.batches import Batch, BatchLoader, BatchSource, bucket_lengths, eval_batches
 from lora_jax.train.checkpoint import CheckpointError, Checkpoints
 from lora_jax.train.progress import MetricsLog, ProgressBar, plot_loss_curve
 from lora_jax.train.step import (
@@ -261,12 +261,13 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_examples: Sequence[Example], *,
+def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
+          train_examples: Sequence[Example] | BatchSource, *,
           config: TrainConfig, eval_examples: Sequence[Example] = (), pad_id: int = 0,
           adapter: dict[str, Any] | None = None, output_dir: str | Path | None = None,
           resume: bool = False, run_info: dict[str, Any] | None = None, progress: bool = True,
           log: Log | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None,
-          mesh: Any = None, sharding: str = "fsdp") -> TrainResult:
+          mesh: Any = None, sharding: str = "fsdp", reporter: Any = None) -> TrainResult:
     """Fine-tune a LoRA adapter for ``apply_fn(params, input_ids, attention_mask) -> logits``.
 
     Example:
@@ -288,7 +289,10 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_example
         params: the frozen pretrained params (never modified).
         lora_config: targets, rank and scaling; ``modules_to_save`` and
             biases (``bias=``) train in full.
-        train_examples / eval_examples: from :func:`~lora_jax.train.tokenize.encode`.
+        train_examples / eval_examples: from :func:`~lora_jax.train.tokenize.encode`;
+            ``train_examples`` may instead be a
+            :class:`~lora_jax.train.batches.BatchSource` serving the batches
+            itself (e.g. :class:`~lora_jax.train.streaming.StreamingBatches`).
         config: :class:`TrainConfig`.
         pad_id: token id used for padding (its positions are masked out).
         adapter: start from this adapter instead of ``lora_jax.init``.
@@ -307,10 +311,14 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_example
             the frozen params are laid out by ``sharding`` ("dp", "fsdp",
             "tp", "fsdp_tp"), the adapter and optimizer state follow them and
             batches are split over ``"data"``.
+        reporter: gets every metrics record (``write(record)``), e.g. a
+            :class:`~lora_jax.train.reporting.Reporter` for TensorBoard or
+            Weights & Biases; the caller closes it.
     """
     started = time.perf_counter()
     run = _setup(apply_fn, params, lora_config, train_examples, eval_examples, config=config, pad_id=pad_id,
                  output_dir=output_dir, run_info=run_info, log=log)
+    run.reporter = reporter
     if adapter is None:
         adapter = init(lora_config, params, jax.random.key(config.seed))
     state = init_state(adapter, trainable_leaves(params, lora_config), run.optimizer, config.seed)
@@ -345,7 +353,7 @@ class _Run:
     settings: dict[str, Any]  # recorded in each checkpoint, checked on resume
     schedule: Callable[[int], Any]
     optimizer: Any
-    loader: BatchLoader
+    loader: BatchSource
     held_out: list[Batch]
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
@@ -355,27 +363,34 @@ class _Run:
     log: Log
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     place_batch: Callable[[Batch], Any] = lambda batch: batch  # noqa: E731
+    reporter: Any = None  # TensorBoard / W&B (lora_jax.train.reporting); None: metrics.jsonl only
 
     def record(self, entry: dict[str, Any]) -> None:
         self.history.append(entry)
         if self.metrics is not None:
             self.metrics.write(entry)
+        if self.reporter is not None:
+            self.reporter.write(entry)
 
 
-def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig, train_examples: Sequence[Example],
+def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
+           train_examples: Sequence[Example] | BatchSource,
            eval_examples: Sequence[Example], *, config: TrainConfig, pad_id: int,
            output_dir: str | Path | None, run_info: dict[str, Any] | None, log: Log | None) -> _Run:
     """The schedule and optimizer (built once), batches, compiled steps and the run's files."""
     output_dir = Path(output_dir) if output_dir is not None else None
-    settings = {**config.settings(), "lora": lora_config.to_dict(),
-                "train_data": data_fingerprint(train_examples), **(run_info or {})}
+    buckets = bucket_lengths(config.seq_len, config.num_buckets)
+    if isinstance(train_examples, BatchSource):
+        loader, fingerprint = train_examples, train_examples.fingerprint
+    else:
+        loader = BatchLoader(train_examples, batch_size=config.batch_size, seq_len=config.seq_len,
+                             seed=config.seed, pad_id=pad_id, grad_accum=config.grad_accum,
+                             packing=config.packing, buckets=buckets)
+        fingerprint = data_fingerprint(train_examples)
+    settings = {**config.settings(), "lora": lora_config.to_dict(), "train_data": fingerprint, **(run_info or {})}
     schedule = learning_rate_schedule(config.learning_rate, config.max_steps,
                                       warmup_steps=config.warmup_steps, schedule=config.schedule)
     optimizer = clipped_adamw(schedule, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-    buckets = bucket_lengths(config.seq_len, config.num_buckets)
-    loader = BatchLoader(train_examples, batch_size=config.batch_size, seq_len=config.seq_len,
-                         seed=config.seed, pad_id=pad_id, grad_accum=config.grad_accum,
-                         packing=config.packing, buckets=buckets)
     held_out = eval_batches(eval_examples, batch_size=config.eval_batch_size or config.batch_size,
                             seq_len=config.seq_len, pad_id=pad_id, buckets=buckets)
     return _Run(
@@ -401,12 +416,10 @@ def _resume(run: _Run, state: TrainState) -> tuple[TrainState, dict[str, Any]]:
     if run.checkpoints is None:
         raise CheckpointError("resume=True needs the output_dir of the run to resume.")
     state, meta = run.checkpoints.resume(state, run.settings, log=run.log)
-    saved_epoch = (meta.get("data_position") or {}).get("steps_per_epoch", run.loader.steps_per_epoch)
-    if saved_epoch != run.loader.steps_per_epoch:
-        raise CheckpointError(
-            f"Cannot resume: the checkpoint's data had {saved_epoch} batches per epoch, this run's "
-            f"has {run.loader.steps_per_epoch}; the data or batching changed."
-        )
+    try:
+        run.loader.resume_at(int(state.step), meta.get("data_position") or {})
+    except ValueError as err:
+        raise CheckpointError(f"Cannot resume: {err}") from None
     if run.metrics is not None:
         run.metrics.truncate_after(int(state.step))
     return state, meta
@@ -476,14 +489,12 @@ def _evaluate_during(run: _Run, state: TrainState, frozen: Any, step: int, say: 
 def _save(run: _Run, state: TrainState, step: int, eval_before: dict[str, float] | None) -> None:
     if run.checkpoints is None:
         return
-    position = run.loader.position(step)
     # A host copy: the next step donates (reuses) the device buffers while orbax
     # may still be writing in the background.
     host_state = jax.tree.map(np.array, jax.device_get(state))
     run.checkpoints.save(step, host_state, {
         "settings": run.settings, "step": step, "eval_before": eval_before,
-        "data_position": {"epoch": position.epoch, "batch": position.index,
-                          "steps_per_epoch": run.loader.steps_per_epoch},
+        "data_position": run.loader.data_position(step),
     })
 
 
