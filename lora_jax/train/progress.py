@@ -3,6 +3,11 @@
     log = MetricsLog("run/metrics.jsonl")
     log.write({"step": 1, "loss": 2.3})
     plot_loss_curve(log.read(), "run/loss_curve.png")
+
+The bar and the plot show the loss's moving average debiased as Adam
+debiases its moments (:class:`MovingAverage`), so the trend starts at the
+first losses instead of climbing up from zero (or from the first loss).
+TensorBoard and Weights & Biases are :mod:`lora_jax.train.reporting`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,64 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+class MovingAverage:
+    """An exponential moving average with Adam's bias correction: the mean of what it saw, recent first.
+
+    ``value = m_t / (1 - beta**t)`` with ``m_t = beta * m_(t-1) + (1 - beta) * x_t``
+    and ``m_0 = 0``: after one value it is that value; a constant stays
+    constant (an uncorrected EMA from 0 would climb towards it, one started
+    at the first value would overweight it).
+
+    Example:
+        >>> average = MovingAverage(beta=0.9)
+        >>> [round(average.update(x), 4) for x in (3.0, 3.0, 1.0)]
+        [3.0, 3.0, 2.262]
+        >>> round((0.081 * 3 + 0.09 * 3 + 0.1 * 1) / (1 - 0.9**3), 4)   # weights 0.1 * 0.9**age, normalised
+        2.262
+        >>> round(smoothed([3.0, 3.0, 1.0])[-1], 4)      # the same, for a whole list
+        2.262
+    """
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}.")
+        self.beta = beta
+        self._moment = 0.0
+        self._count = 0
+
+    def update(self, value: float) -> float:
+        """Add ``value``; returns the debiased average so far (see the class example)."""
+        self._count += 1
+        self._moment = self.beta * self._moment + (1.0 - self.beta) * float(value)
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The debiased average (NaN before the first value).
+
+        Example:
+            >>> import math
+            >>> math.isnan(MovingAverage().value)
+            True
+        """
+        if self._count == 0:
+            return math.nan
+        return self._moment / (1.0 - self.beta ** self._count)
+
+
+def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
+    """The :class:`MovingAverage` after each of ``values``.
+
+    Example:
+        >>> smoothed([2.0, 2.0, 2.0])
+        [2.0, 2.0, 2.0]
+    """
+    average = MovingAverage(beta)
+    return [average.update(v) for v in values]
+
+
 class ProgressBar:
-    """A tqdm bar over training steps with loss, tokens/s and ETA.
+    """A tqdm bar over training steps with loss, its debiased moving average, tokens/s and ETA.
 
     Example:
         >>> bar = ProgressBar(total=100, initial=0, enabled=False)
@@ -38,6 +99,7 @@ class ProgressBar:
                          disable=not enabled, file=sys.stderr, smoothing=0.1)
         self._start: float | None = None
         self._tokens = 0
+        self._average = MovingAverage(0.9)
 
     def update(self, *, loss: float, tokens: int, **extra: float) -> float | None:
         """Advance one step; returns the tokens/s so far (None on the first step).
@@ -53,7 +115,7 @@ class ProgressBar:
         else:
             self._tokens += tokens
             rate = self._tokens / max(now - self._start, 1e-9)
-        postfix = {"loss": f"{loss:.4f}"}
+        postfix = {"loss": f"{loss:.4f}", "avg": f"{self._average.update(loss):.4f}"}
         if rate is not None:
             postfix["tok/s"] = f"{rate:,.0f}"
         postfix.update({k: f"{v:.4g}" for k, v in extra.items()})
@@ -122,7 +184,7 @@ class MetricsLog:
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, title: str = "") -> Path:
-    """Write a PNG of training loss (and held-out loss, where recorded) against step.
+    """Write a PNG of training loss, its debiased moving average and the held-out loss of each evaluation.
 
     Example:
         >>> import tempfile
@@ -141,13 +203,10 @@ def plot_loss_curve(records: list[dict[str, Any]], path: str | os.PathLike, *, t
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.35, color="tab:blue")
-        smoothed, value = [], 0.0
-        for t, loss in enumerate(losses, start=1):  # bias-corrected moving average: the trend
-            value = 0.9 * value + 0.1 * loss
-            smoothed.append(value / (1 - 0.9**t))
-        ax.plot(steps, smoothed, label="train loss (EMA 0.9)", linewidth=1.5, color="tab:blue")
+        ax.plot(steps, smoothed(list(losses)), label="train loss (moving average, debiased)", linewidth=1.5,
+                color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out loss", linewidth=1.5, color="tab:orange")
+        ax.plot(*zip(*evals), "o-", label="held-out loss (each evaluation)", linewidth=1.5, color="tab:orange")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title or "lora-jax fine-tuning")

