@@ -3,6 +3,7 @@
     lora-jax finetune                      # SmolLM2-135M-Instruct on chatterbot-corpus, offline
     lora-jax finetune --tiny               # a seconds-long smoke run on a tiny random model
     lora-jax finetune --model DIR --data train.jsonl --output runs/mine --steps 500
+    lora-jax finetune --config run.yaml --learning-rate 2e-4   # a config file; flags override it
     lora-jax generate --adapter runs/smollm2-chatterbot/adapter "What is AI?"
     lora-jax generate --adapter a=dirA --adapter b=dirB --use a --use b "Q1" "Q2"   # one mixed batch
     lora-jax combine --adapter a=dirA --adapter b=dirB --weights 0.5 0.5 --type ties --density 0.5 --output mix/
@@ -12,9 +13,10 @@
     lora-jax info --model DIR --target-modules all-linear
 
 A thin layer over Python: ``finetune`` is :func:`lora_jax.train.finetune` with
-a :class:`~lora_jax.train.FinetuneSettings` built from the flags (the flags,
-their defaults and help come from that one table). Errors print as one line,
-``lora-jax: error: ...`` (``--debug`` shows the traceback).
+a :class:`~lora_jax.train.FinetuneSettings` built from ``--config`` and the
+flags (the flags, their Hugging Face aliases, defaults and help come from that
+one table). Errors print as one line, ``lora-jax: error: ...`` (``--debug``
+shows the traceback).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         2
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -113,12 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
 # -- finetune -------------------------------------------------------------------------------
 
 def _add_finetune(commands: Any) -> None:
-    from lora_jax.train.settings import FinetuneSettings
+    from lora_jax.train.settings import CONFIG_FILE, FinetuneSettings
 
     parser = commands.add_parser(
         "finetune", help="fine-tune a LoRA adapter (default: SmolLM2 on chatterbot-corpus)",
         description="Fine-tune a LoRA adapter. With no arguments: SmolLM2-135M-Instruct (offline GGUF) on the "
                     "chatterbot-corpus conversations: 60 steps, under 10 minutes on 2 CPU cores.")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"settings from a YAML file (the names of the flags, e.g. a run's {CONFIG_FILE}); "
+                             "flags given as well override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective settings as YAML (what --config reads) and exit")
     add_settings_arguments(parser, FinetuneSettings)
     parser.set_defaults(func=cmd_finetune)
 
@@ -134,21 +142,41 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
         >>> vars(parser.parse_args(["-r", "16", "--no-progress"]))["r"], parser.parse_args([]).progress
         (16, True)
     """
+    from lora_jax.train.settings import SWITCHES
+
     groups: dict[str, Any] = {}
     for field in dataclasses.fields(settings_class):
         meta = field.metadata
         group_name = meta["group"]
         if group_name not in groups:
             groups[group_name] = parser if group_name == "run" else parser.add_argument_group(group_name)
-        names = [n for n in (meta["short"], meta["flag"] or "--" + field.name.replace("_", "-")) if n]
-        options: dict[str, Any] = {"dest": field.name, "help": _help_text(field)}
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        names = [n for n in (meta["short"], flag, *meta.get("aliases", ())) if n]
+        options: dict[str, Any] = {"dest": field.name, "help": _help_text(field), "action": _Setting}
         if meta["kind"] is bool:
-            store_false = names[-1].startswith("--no-")
-            options.update(action="store_false" if store_false else "store_true", default=field.default)
+            options.update(nargs=0, const=not flag.startswith("--no-"), default=field.default)
         else:
             options.update(type=meta["kind"], default=field.default, nargs=meta["nargs"], metavar=meta["metavar"],
                            choices=meta["choices"])
         groups[group_name].add_argument(*names, **options)
+    for switch, (target, values) in SWITCHES.items():  # --bf16, --gradient-checkpointing
+        if target in {f.name for f in dataclasses.fields(settings_class)}:
+            groups.get("training", parser).add_argument(
+                "--" + switch.replace("_", "-"), dest=switch, action=_Setting, nargs=0, const=True,
+                default=argparse.SUPPRESS, help=f"as transformers' {switch}: --{target.replace('_', '-')} "
+                                                f"{values[True]}")
+
+
+_GIVEN = "_given_settings"  # the Namespace attribute naming the settings given as flags
+
+
+class _Setting(argparse.Action):
+    """Stores a setting's value and notes that it was given as a flag (flags override ``--config``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), self.dest})
 
 
 def _help_text(field: dataclasses.Field) -> str:
@@ -164,15 +192,26 @@ def _help_text(field: dataclasses.Field) -> str:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~lora_jax.train.FinetuneSettings` of parsed ``finetune`` flags (checked).
+    """The :class:`~lora_jax.train.FinetuneSettings` of ``--config`` and the flags given (which win), checked.
 
     Example:
-        >>> settings_from_args(build_parser().parse_args(["finetune", "--tiny", "--steps", "5"])).steps
+        >>> settings_from_args(build_parser().parse_args(["finetune", "--tiny", "--max-steps", "5"])).steps
         5
+        >>> settings_from_args(build_parser().parse_args(["finetune", "--bf16"])).dtype
+        'bfloat16'
     """
-    from lora_jax.train.settings import FinetuneSettings
+    from lora_jax.train.settings import SWITCHES, FinetuneSettings, read_config_file
 
-    return FinetuneSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneSettings)})
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    given = getattr(args, _GIVEN, set())
+    flags = {name: getattr(args, name) for name in given if name not in SWITCHES}
+    for switch, (target, choices) in SWITCHES.items():
+        if switch in given:
+            if target in flags:
+                raise CliError(f"--{switch.replace('_', '-')} and --{target.replace('_', '-')} both set "
+                               f"{target}; pass one.")
+            flags[target] = choices[True]
+    return FinetuneSettings(**{**values, **flags})
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -185,8 +224,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lora_jax.train.settings.SettingsError: --steps: expected an integer >= 1, got 0.
     """
     from lora_jax.train import finetune, format_summary
+    from lora_jax.train.pipeline import effective_settings
 
-    result = finetune(settings_from_args(args))
+    settings = settings_from_args(args)
+    if args.print_config:
+        print(effective_settings(settings).config_text(), end="")
+        return 0
+    result = finetune(settings)
     if result.interrupted:
         print(f"Interrupted at step {result.step}/{result.settings.steps}; checkpoint saved in "
               f"{result.output / 'checkpoints'}. Continue with: lora-jax finetune --output {result.output} "

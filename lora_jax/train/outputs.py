@@ -45,7 +45,7 @@ LOCK_FILE = ".lora-jax.lock"
 # file whose presence shows a directory without a marker is that command's output.
 ARTIFACTS: dict[str, tuple[str, ...]] = {
     "finetune": ("checkpoints", "metrics.jsonl", "loss_curve.png", "adapter", "base_model", "run.json",
-                 "summary.json", "samples_before.json"),
+                 "run.yaml", "summary.json", "samples_before.json", "tensorboard", "wandb"),
     "export": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"),
     "import": ("adapter", "lora_config.json"),
     "combine": ("adapter_config.json", "adapter_model.safetensors", "README.md"),

@@ -8,16 +8,19 @@
 
 The order is the contract: every setting is checked when the settings are
 made; then, before anything is written, the output directory (refused if it
-holds someone else's files, or a live run), the data, the model and whether
-the LoRA settings fit it; only then is the run directory claimed (a lock,
-``run.json``) and trained. A mistake found on the way leaves the output
-directory as it was, so the corrected command needs no ``--overwrite``.
+holds someone else's files, or a live run), the data (all of it read once,
+with ``streaming`` too), the model and whether the LoRA settings fit it; only
+then is the run directory claimed (a lock, ``run.json`` and ``run.yaml``) and
+trained. A mistake found on the way leaves the output directory as it was, so
+the corrected command needs no ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,13 +29,16 @@ from typing import Any
 
 from lora_jax.config import LoraConfig
 from lora_jax.train.adapter_files import load_adapter
+from lora_jax.train.batches import BatchLoader, bucket_lengths
 from lora_jax.train.loop import TrainResult, train
 from lora_jax.train.outputs import OutputDir, OutputError, RunLock
 from lora_jax.train.pretrained import ModelFilesError, load_model, load_tokenizer
-from lora_jax.train.records import Record, load_records, split
+from lora_jax.train.records import Record, RecordStream, describe_data, load_records, split
+from lora_jax.train.reporting import Reporter, parse_report_to
 from lora_jax.train.settings import (
     ADAPTER_DIR,
     BASE_MODEL_DIR,
+    CONFIG_FILE,
     DEFAULT_OUTPUT,
     RUN_FILE,
     SAMPLES_FILE,
@@ -46,7 +52,8 @@ from lora_jax.train.settings import (
     read_run_file,
 )
 from lora_jax.train.step import with_leaves
-from lora_jax.train.tokenize import encode
+from lora_jax.train.streaming import StreamingBatches, scan_stream
+from lora_jax.train.tokenize import Example, encode
 
 Log = Callable[[str], None]
 
@@ -69,6 +76,17 @@ class FinetuneResult:
     trainable_params: dict[str, Any]
     adapter_dir: Path | None = None
     summary: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class _Data:
+    """The data of a run: held-out records, and the training records (or their stream)."""
+
+    eval_records: list[Record]
+    train_records: list[Record] | None = None   # None when streaming
+    stream: RecordStream | None = None
+    first_records: list[Record] = dataclasses.field(default_factory=list)  # what --tiny's tokenizer learns
+    train_count: int = 0
 
 
 @dataclasses.dataclass
@@ -111,29 +129,36 @@ def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneR
     say = log or _stderr
     started = time.perf_counter()
     settings, output = prepare(settings)
-    train_records, eval_records, all_records = _read_data(settings)
-    base = _load_base(settings, output, all_records, say)
+    data = _read_data(settings)
+    base = _load_base(settings, output, data.first_records, say)
     lora_config, adapter, init_params = _fit_lora(settings, base.model)
-    train_examples = encode(train_records, base.tokenizer, settings.seq_len)
-    eval_examples = encode(eval_records, base.tokenizer, settings.seq_len)
-    say(f"data: {len(train_examples)} training / {len(eval_examples)} held-out examples "
-        f"({_describe_data(settings.data)})")
+    eval_examples = encode(data.eval_records, base.tokenizer, settings.seq_len)
+    pad_id = _generator(base, lora_config, settings).pad_id  # the same after a --tiny model is saved
+    train_data = _training_data(settings, data, base.tokenizer, pad_id, len(eval_examples), say)
+    settings = _with_epoch_steps(settings, train_data, say)
     _report_trainable(lora_config, adapter, with_leaves(base.model.params, init_params), say)
     mesh = _make_mesh(settings)
 
     with RunLock(output, log=say):
         OutputDir(output, "finetune").claim(overwrite=settings.overwrite, resume=settings.resume)
         (output / RUN_FILE).write_text(json.dumps(settings.record(), indent=2, sort_keys=True) + "\n")
+        (output / CONFIG_FILE).write_text(settings.config_text(), encoding="utf-8")
         if base.unsaved:
             base = _save_tiny(settings, output, base)
         params = with_leaves(base.model.params, init_params)
         generator = _generator(base, lora_config, settings)
-        prompts = _sample_prompts(eval_records, settings.samples, generator)
+        prompts = _sample_prompts(data.eval_records, settings.samples, generator)
         samples_before = _samples_before(settings, output, generator, prompts, lora_config, adapter, params, say)
-        result = train(_causal_apply(base.model), params, lora_config, train_examples, config=settings.train_config(),
-                       eval_examples=eval_examples, pad_id=generator.pad_id, adapter=adapter, output_dir=output,
-                       resume=settings.resume, run_info=settings.run_info(), progress=settings.progress,
-                       log=log, mesh=mesh, sharding=settings.sharding)
+        reporter = Reporter.for_run(settings.report_to, output, logging_steps=settings.logging_steps,
+                                    config=settings.record(), name=output.name)
+        try:
+            result = train(_causal_apply(base.model), params, lora_config, train_data,
+                           config=settings.train_config(), eval_examples=eval_examples, pad_id=generator.pad_id,
+                           adapter=adapter, output_dir=output, resume=settings.resume, run_info=settings.run_info(),
+                           progress=settings.progress, log=log, mesh=mesh, sharding=settings.sharding,
+                           reporter=reporter)
+        finally:
+            reporter.close()
         finished = FinetuneResult(settings=settings, output=output, step=result.step,
                                   interrupted=result.interrupted, adapter=result.adapter, lora_config=lora_config,
                                   trainable_params=result.trainable_params)
@@ -153,19 +178,17 @@ def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
         (30, 'tiny', False)
     """
     output = Path(settings.output or (TINY_OUTPUT if settings.tiny else DEFAULT_OUTPUT))
-    if settings.resume and settings.overwrite:
-        raise SettingsError("--resume continues the run in --output and --overwrite replaces it; pass one.")
     holder = RunLock(output).holder() if output.is_dir() else None
     if holder:
         raise OutputError(f"{output} is in use by another lora-jax run (pid {holder}); wait for it to finish, "
                           "or choose another --output.")
-    saved = _saved_settings(output) if settings.resume else None
-    resolved = settings.resolved(saved)
-    if saved is not None:
-        differ = resolved.trajectory_changes(saved)
-        if differ:
-            raise SettingsError(f"Cannot resume {output}: settings differ from the run's: {'; '.join(differ)}.")
+    resolved = effective_settings(settings)
     OutputDir(output, "finetune").check(overwrite=resolved.overwrite, resume=resolved.resume)
+    parse_report_to(resolved.report_to)  # the writers' packages are installed
+    resolved.data_fields()  # one form of record: text, prompt/response or messages
+    if resolved.streaming and resolved.steps is None:
+        raise SettingsError("--epochs (--num-train-epochs) needs the number of batches in an epoch, which "
+                            "--streaming only knows once it has read the data; give --steps instead.")
     if resolved.model != TINY_MODEL and not Path(resolved.model).exists():
         raise ModelFilesError(f"{resolved.model}: no such model directory or file (--model; expected a Hugging "
                               "Face model directory with config.json and model.safetensors, or a .gguf file).")
@@ -173,6 +196,30 @@ def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
         raise ModelFilesError(f"{resolved.init_adapter}: no such adapter directory (--init-adapter).")
     _check_mesh(resolved)
     return resolved, output
+
+
+def effective_settings(settings: FinetuneSettings) -> FinetuneSettings:
+    """The settings a run would use: defaults filled in, and with ``resume`` the run's own (``run.json``).
+
+    What ``lora-jax finetune --print-config`` shows; raises when a resume
+    would change a setting that decides the adapter. Reads nothing else.
+
+    Example:
+        >>> from lora_jax.train.settings import FinetuneSettings
+        >>> settings = effective_settings(FinetuneSettings(tiny=True, lr=0.01))
+        >>> settings.lr, settings.steps, settings.model
+        (0.01, 30, 'tiny')
+    """
+    output = Path(settings.output or (TINY_OUTPUT if settings.tiny else DEFAULT_OUTPUT))
+    if settings.resume and settings.overwrite:
+        raise SettingsError("--resume continues the run in --output and --overwrite replaces it; pass one.")
+    saved = _saved_settings(output) if settings.resume else None
+    resolved = settings.resolved(saved)
+    if saved is not None:
+        differ = resolved.trajectory_changes(saved)
+        if differ:
+            raise SettingsError(f"Cannot resume {output}: settings differ from the run's: {'; '.join(differ)}.")
+    return resolved
 
 
 def _saved_settings(output: Path) -> dict[str, Any]:
@@ -207,13 +254,60 @@ def _make_mesh(settings: FinetuneSettings) -> Any:
 
 # -- data, model, LoRA: everything that can fail before the output directory is touched ----------
 
-def _read_data(settings: FinetuneSettings) -> tuple[list[Record], list[Record], list[Record]]:
-    """``(train, held_out, all)`` records: at most ``max_examples``, held-out share cut to ``max_eval``."""
-    records = load_records(settings.data)
+def _read_data(settings: FinetuneSettings) -> _Data:
+    """Training and held-out records: at most ``max_examples``, held-out share cut to ``max_eval``.
+
+    Streaming, every record is read once here too (so a bad line is an error
+    before anything is written), keeping only the held-out ones.
+    """
+    fields = settings.data_fields()
+    if settings.streaming:
+        stream = RecordStream(settings.data, fields=fields, split=settings.split)
+        count, held, eval_records = scan_stream(stream, eval_fraction=settings.eval_fraction, seed=settings.seed,
+                                                max_eval=settings.max_eval, max_records=settings.max_examples)
+        first = list(itertools.islice(stream.records(), _TOKENIZER_RECORDS))
+        return _Data(eval_records, stream=stream, first_records=first, train_count=count - held)
+    records = load_records(settings.data, fields=fields, split=settings.split)
     if settings.max_examples:
         records = records[: settings.max_examples]
     train_records, eval_records = split(records, settings.eval_fraction, settings.seed)
-    return train_records, eval_records[: settings.max_eval], records
+    return _Data(eval_records[: settings.max_eval], train_records=train_records, first_records=records,
+                 train_count=len(train_records))
+
+
+_TOKENIZER_RECORDS = 2000  # records a --tiny tokenizer learns from when streaming
+
+
+def _training_data(settings: FinetuneSettings, data: _Data, tokenizer: Any, pad_id: int, num_eval: int,
+                   say: Log) -> list[Example] | StreamingBatches:
+    """Training examples, or the streaming batches (its first window read, so its errors come now)."""
+    described = _describe_data(settings.data)
+    if data.stream is None:
+        train_examples = encode(data.train_records, tokenizer, settings.seq_len)
+        say(f"data: {len(train_examples)} training / {num_eval} held-out examples ({described})")
+        return train_examples
+    seq_len = settings.seq_len
+    batches = StreamingBatches(
+        data.stream, lambda records: encode(records, tokenizer, seq_len), batch_size=settings.batch_size,
+        seq_len=seq_len, seed=settings.seed, pad_id=pad_id, grad_accum=settings.grad_accum,
+        packing=bool(settings.packing), buckets=bucket_lengths(seq_len, settings.buckets),
+        window=settings.shuffle_buffer, eval_fraction=settings.eval_fraction, max_records=settings.max_examples)
+    batches.fingerprint  # noqa: B018 - reads and tokenizes the first window
+    say(f"data: {data.train_count} training records, streamed in windows of {settings.shuffle_buffer} / "
+        f"{num_eval} held-out examples ({described})")
+    return batches
+
+
+def _with_epoch_steps(settings: FinetuneSettings, train_data: Any, say: Log) -> FinetuneSettings:
+    """``steps`` from ``epochs`` (``--num-train-epochs``) and the batches an epoch has; as is otherwise."""
+    if settings.steps is not None:
+        return settings
+    loader = BatchLoader(train_data, batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed,
+                         pad_id=0, grad_accum=settings.grad_accum, packing=bool(settings.packing),
+                         buckets=bucket_lengths(settings.seq_len, settings.buckets))
+    steps = max(1, math.ceil(settings.epochs * loader.steps_per_epoch))
+    say(f"--epochs {settings.epochs:g}: {steps} steps of {loader.steps_per_epoch} an epoch")
+    return dataclasses.replace(settings, steps=steps)
 
 
 def _load_base(settings: FinetuneSettings, output: Path, records: Sequence[Record], say: Log) -> _Base:
@@ -392,8 +486,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def _describe_data(data: Sequence[str]) -> str:
-    return ", ".join(d if not Path(d).is_absolute() else Path(d).name for d in data)
+def _describe_data(data: Sequence[Any]) -> str:
+    return ", ".join(Path(d).name if isinstance(d, str) and Path(d).is_absolute() else describe_data(d)
+                     for d in data)
 
 
 def _causal_apply(model: Any) -> Any:

@@ -307,8 +307,10 @@ def _open_path(path: Path, fields: DataFields, split: str | None) -> _Source:
         return _list_source(str(path), lambda: read_chatterbot(path))
     if suffix == ".txt":
         return _list_source(str(path), lambda: [{"text": "\n".join(_read_lines(path)), "source": str(path)}])
-    if suffix in (".parquet", ".csv"):
-        return _Source(str(path), lambda start: _table_file_records(path, fields, start))
+    if suffix == ".parquet":
+        return _Source(str(path), lambda start: _parquet_records(path, fields, start))
+    if suffix == ".csv":
+        return _Source(str(path), lambda start: _csv_records(path, fields, start))
     return _Source(str(path), lambda start: _jsonl_records(path, fields, start))
 
 
@@ -520,17 +522,14 @@ def _table_rows(dataset: Any, batch_size: int = 512) -> Iterator[dict[str, Any]]
             yield dict(zip(columns, values))
 
 
-def _table_file_records(path: Path, fields: DataFields, start: int) -> Records:
-    """Rows of a Parquet or CSV file through ``datasets`` (streamed: never the whole file in memory)."""
+def _csv_records(path: Path, fields: DataFields, start: int) -> Records:
+    """Rows of a CSV file through ``datasets``, streamed (pandas reads ``_ROWS_AT_ONCE`` rows at a time)."""
     datasets = _datasets()
-    kind = "parquet" if path.suffix.lower() == ".parquet" else "csv"
-    options: dict[str, Any] = {}
-    if kind == "csv":  # every column as text, as written: no numbers, dates or NaN guessed from cells
-        columns = _csv_columns(path)
-        options = {"features": datasets.Features({c: datasets.Value("string") for c in columns}),
-                   "na_filter": False}
+    # Every column as text, as written: no numbers, dates or NaN guessed from the cells.
+    features = datasets.Features({c: datasets.Value("string") for c in _csv_columns(path)})
     try:
-        rows = datasets.load_dataset(kind, data_files=[str(path)], split="train", streaming=True, **options)
+        rows = datasets.load_dataset("csv", data_files=[str(path)], split="train", streaming=True,
+                                     features=features, na_filter=False, chunksize=_ROWS_AT_ONCE)
         if start:
             rows = rows.skip(start)
         total = start
@@ -539,12 +538,48 @@ def _table_file_records(path: Path, fields: DataFields, start: int) -> Records:
             yield record
     except DataError:
         raise
-    except Exception as err:  # noqa: BLE001 - pyarrow / pandas errors: the file is broken
-        raise DataError(f"{path}: not a readable {kind.upper() if kind == 'csv' else 'Parquet'} file "
-                        f"({type(err).__name__}: {_one_line(err)}).") from None
+    except Exception as err:  # noqa: BLE001 - pandas / pyarrow errors: the file is broken
+        raise DataError(f"{path}: not a readable CSV file ({type(err).__name__}: {_one_line(err)}).") from None
     if total == 0:
         raise DataError(f"{path}: the file has no rows.")
     return total
+
+
+def _parquet_records(path: Path, fields: DataFields, start: int) -> Records:
+    """Rows of a Parquet file, a row group at a time, starting at the row group holding row ``start``.
+
+    pyarrow's ``ParquetFile.iter_batches`` (the library ``datasets`` reads
+    Parquet with) rather than ``datasets``' streaming builder, which in
+    datasets 5.2 reads a whole file before its first row: this keeps one row
+    group in memory, and a resume skips to its row group without reading
+    the ones before.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        sizes = [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)]
+        total = sum(sizes)
+        if total == 0:
+            raise DataError(f"{path}: the file has no rows.")
+        group, first = 0, 0
+        while group < len(sizes) and first + sizes[group] <= start:
+            first += sizes[group]
+            group += 1
+        if group == len(sizes):
+            return total
+        batches = file.iter_batches(batch_size=_ROWS_AT_ONCE, row_groups=range(group, len(sizes)))
+        rows = (row for batch in batches for row in batch.to_pylist())
+        for _ in range(start - first):
+            next(rows)
+        yield from _rows(rows, fields, str(path), start, total, columnar=True)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {_one_line(err)}).") from None
+    return total
+
+
+_ROWS_AT_ONCE = 256
 
 
 def _csv_columns(path: Path) -> list[str]:

@@ -391,7 +391,7 @@ class FinetuneSettings:
         if values["epochs"] is not None and self.steps is None and "steps" not in saved:
             values["steps"] = None  # from --epochs and the data, once it is read (pipeline)
         if self.model is not None:
-            values["model"] = _absolute(self.model)
+            values["model"] = self.model if tiny and self.model == TINY_MODEL else _absolute(self.model)
         elif values["model"] is None:
             values["model"] = TINY_MODEL if tiny else str(default_model_path())
         if self.data is not None:
@@ -543,6 +543,8 @@ class FinetuneSettings:
             value = getattr(self, field.name)
             if isinstance(value, tuple):
                 value = [describe_data(v) for v in value]
+            elif field.name == "output" and value is not None:
+                value = _absolute(value)  # the file repeats the run from any directory
             dumped = yaml.safe_dump({field.name: value}, default_flow_style=False, sort_keys=False,
                                     allow_unicode=True)
             lines.append(dumped.rstrip("\n").removesuffix("\n..."))
