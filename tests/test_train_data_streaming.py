@@ -213,6 +213,7 @@ def finished_steps(output: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+@pytest.mark.slow  # three training processes
 def test_a_killed_streaming_run_resumes_to_the_same_adapter_bitwise(setup):
     whole = setup["root"] / "whole"
     done = subprocess.run(streaming_run(setup, whole), env=setup["env"], capture_output=True, text=True)

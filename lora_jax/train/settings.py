@@ -349,11 +349,13 @@ class FinetuneSettings:
                                help="device mesh DATA or DATAxMODEL (e.g. 8 or 2x4); default one device")
     sharding: str = setting("fsdp", group="training", choices=STRATEGIES, help="sharding strategy on --mesh")
     # -- logging
-    report_to: str = setting("none", group="logging", check=_report_to,
-                             help="also log to 'tensorboard' (event files in tensorboard/), 'wandb' (an offline "
-                                  "run in wandb/, nothing sent), both ('all' or comma-separated) or 'none'")
-    logging_steps: int = setting(1, kind=int, group="logging", check=integer(1),
-                                 help="--report-to gets the means of every N steps (metrics.jsonl has each step)")
+    report_to: str | None = setting("none", group="logging", check=_report_to, recorded=True, record_default=False,
+                                    help="also log to 'tensorboard' (event files in tensorboard/), 'wandb' (an "
+                                         "offline run in wandb/, nothing sent), both ('all' or comma-separated) or "
+                                         "'none'; a resumed run keeps its run's")
+    logging_steps: int | None = setting(1, kind=int, group="logging", check=integer(1), recorded=True,
+                                        record_default=False,
+                                        help="--report-to gets the means of every N steps (metrics.jsonl has each)")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
