@@ -292,6 +292,9 @@ def _open_path(path: Path, fields: DataFields, split: str | None) -> _Source:
     if not path.exists():
         if looks_like_hub_name(str(path)):
             return _hub_source(str(path), fields, split)
+        if str(path).startswith(("datasets.", "records (")):  # how run.json names a Python object
+            raise DataError(f"{path}: the run read this from a Python object (FinetuneSettings(data=...)), which "
+                            "no file holds; pass the same data again, from Python.")
         raise DataError(f"{path}: no such data file.")
     if path.is_dir():
         if _is_saved_dataset(path):
