@@ -43,6 +43,18 @@ def test_every_kind_of_source_reads_the_same_records(files, name):
     assert all(str(files / name) in r["source"] for r in records)
 
 
+def test_a_json_file_holding_one_array_reads_the_same_records(files, tmp_path):
+    datasets.Dataset.from_list(ROWS).to_json(str(tmp_path / "array.json"), lines=False)
+    records = load_records([tmp_path / "array.json"])
+    assert strip_sources(records) == ROWS and records[2]["source"] == f"{tmp_path / 'array.json'} item 3"
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(DataError, match=r"bad\.json:2: not valid JSON"):
+        load_records([tmp_path / "bad.json"])
+    (tmp_path / "odd.json").write_text('[{"text": "a"}, 5]')
+    with pytest.raises(DataError, match=r"odd\.json item 2: expected a JSON object, found a int"):
+        load_records([tmp_path / "odd.json"])
+
+
 def test_csv_and_parquet_records_name_their_row(files):
     assert load_records([files / "d.csv"])[4]["source"] == f"{files / 'd.csv'} row 5"
     assert load_records([files / "d.parquet"])[0]["source"] == f"{files / 'd.parquet'} row 1"

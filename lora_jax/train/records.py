@@ -214,7 +214,8 @@ def read_records(path: str | os.PathLike) -> list[Record]:
         >>> read_records(file)[0]["text"], read_records(file)[0]["source"].endswith("chat.jsonl:1")
         ('hello', True)
 
-    ``.jsonl`` / ``.json`` (JSON lines), ``.txt`` (one text record),
+    ``.jsonl`` / ``.json`` (JSON lines, or a ``.json`` file holding one
+    array of records), ``.txt`` (one text record),
     chatterbot ``.yml``, ``.parquet`` and ``.csv`` files; a ``save_to_disk``
     directory; any other directory is read file by file (sorted) for those
     suffixes. Raises :class:`DataError` naming the file and line for a
@@ -314,6 +315,8 @@ def _open_path(path: Path, fields: DataFields, split: str | None) -> _Source:
         return _Source(str(path), lambda start: _parquet_records(path, fields, start))
     if suffix == ".csv":
         return _Source(str(path), lambda start: _csv_records(path, fields, start))
+    if suffix == ".json" and _starts_with(path, b"["):  # one JSON array of records (`to_json(lines=False)`)
+        return _list_source(str(path), lambda: list(_json_array_records(path, fields)))
     return _Source(str(path), lambda start: _jsonl_records(path, fields, start))
 
 
@@ -373,6 +376,26 @@ def _jsonl_records(path: Path, fields: DataFields, start: int) -> Records:
     if count == 0:
         raise DataError(f"{path}: the file is empty.")
     return count
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file's first non-blank bytes (after a BOM) are ``prefix``."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(prefix)
+
+
+def _json_array_records(path: Path, fields: DataFields) -> Iterator[Record]:
+    text = "\n".join(_read_lines(path))  # errors name the line that is not UTF-8
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg} at column {err.colno}.") from None
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line).")
+    for index, item in enumerate(items, start=1):
+        where = f"{path} item {index}"
+        yield check_record(fields.select(item, where) if isinstance(item, dict) else item, where)
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
