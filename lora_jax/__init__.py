@@ -10,12 +10,12 @@ from lora_jax.adapters import check_adapters
 from lora_jax.config import LoraConfig
 from lora_jax.convert import convert_to_original_base, original_base_config
 from lora_jax.init import init, init_with_base
-from lora_jax.merge import lora_delta, merge, unmerge
+from lora_jax.merge import dora_norms, lora_delta, merge, unmerge
 from lora_jax.mixed import StackedAdapters, replace_adapter, stack_adapters
 from lora_jax.optim import loraplus, loraplus_groups, masked_optimizer
 from lora_jax.peft import LoadedPeft, from_peft, load_peft, save_peft, to_peft
 from lora_jax.peft.sets import load_peft_set, save_peft_set
-from lora_jax.transform import LoraFallbackWarning, infer_in_axes, lora
+from lora_jax.transform import LoraFallbackWarning, TiedEmbeddingWarning, infer_in_axes, lora
 from lora_jax.tree import (
     InAxesWarning,
     Target,
@@ -39,11 +39,13 @@ __all__ = [
     "LoraFallbackWarning",
     "StackedAdapters",
     "Target",
+    "TiedEmbeddingWarning",
     "check_adapter",
     "check_adapters",
     "combine",
     "convert_to_original_base",
     "count_parameters",
+    "dora_norms",
     "find_targets",
     "from_peft",
     "infer_in_axes",

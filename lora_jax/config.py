@@ -89,6 +89,14 @@ class LoraConfig:
         stacked_modules: modules (matched like ``target_modules``) whose
             kernels carry a leading layer axis, as from ``nn.scan`` /
             ``nnx.scan``; their adapters get the same leading axis.
+        conv_modules: modules (matched like ``target_modules``) whose kernels
+            are convolution kernels laid out like Flax's ``nn.Conv``
+            (``window... + (in, out)``): they split after all but the last
+            axis and are written to PEFT as ``nn.Conv*d`` LoRA (lora_A
+            ``(r, in, *window)``, lora_B ``(out, r, 1...)``). ``init`` with
+            ``apply_fn=`` finds convs itself; ``save_peft`` treats a 4-D or 5-D
+            kernel split that way as a Conv2d/Conv3d even without this field
+            (a Conv1d's 3-D kernel needs it).
     """
 
     r: int = 8
@@ -108,6 +116,7 @@ class LoraConfig:
     kernel_names: Sequence[str] = ("kernel", "embedding")
     in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     stacked_modules: str | Sequence[str] | None = None
+    conv_modules: str | Sequence[str] | None = None
     use_dora: bool = False
     loftq_config: Mapping[str, int] = dataclasses.field(default_factory=dict)
     trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
@@ -116,7 +125,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         # Normalise lists to tuples so configs compare and hash by value.
         for name in ("target_modules", "exclude_modules", "modules_to_save",
-                     "layers_pattern", "stacked_modules", "kernel_names"):
+                     "layers_pattern", "stacked_modules", "conv_modules", "kernel_names"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
@@ -173,7 +182,7 @@ class LoraConfig:
                 "LoraConfig.target_modules is required: a list of module names such as "
                 "['q_proj', 'v_proj'], a regex string, or 'all-linear'."
             )
-        for name in ("target_modules", "exclude_modules", "stacked_modules"):
+        for name in ("target_modules", "exclude_modules", "stacked_modules", "conv_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value != "all-linear":
                 try:
@@ -206,6 +215,10 @@ class LoraConfig:
 
     def is_stacked(self, module_name: str) -> bool:
         return self.stacked_modules is not None and matches(self.stacked_modules, module_name)
+
+    def is_conv(self, module_name: str) -> bool:
+        """Whether ``conv_modules`` names ``module_name`` (a convolution kernel)."""
+        return self.conv_modules is not None and matches(self.conv_modules, module_name)
 
     @property
     def changes_base(self) -> bool:

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import decompose
+from lora_jax import decompose, dora, tables
 from lora_jax.config import LoraConfig
+from lora_jax.merge import lora_delta
 from lora_jax.tree import Adapter, Target, find_targets, warn_guessed_splits
 
 
@@ -51,7 +52,17 @@ def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float
     (arrays or ``jax.ShapeDtypeStruct``s; only shapes are traced) and the split is
     read off how the model contracts each kernel; without it an
     :class:`~lora_jax.tree.InAxesWarning` names the kernel. The adapter carries its
-    split in its shapes, so ``lora``, ``merge`` and ``save_peft`` follow it.
+    split in its shapes, so ``lora``, ``merge`` and ``save_peft`` follow it. Conv
+    kernels read off the model (``conv_general_dilated``) split after all axes but
+    the last, as ``conv_modules`` says.
+
+    Variants add entries, which need the values of the kernels they start from:
+    ``use_dora=True`` adds ``"lora_magnitude"`` = ``||W + s*A@B||`` over the input axes
+    (PEFT's initial DoRA magnitude); ``trainable_token_indices`` adds
+    ``{table: {"trainable_tokens": rows}}`` (the listed rows, see
+    :mod:`lora_jax.tables`); a ``modules_to_save`` embedding table with
+    ``ensure_weight_tying=False`` adds ``{table: {"embedding": copy}}``, the copy that
+    trains while a tied output head keeps the original.
 
     Raises:
         ValueError: ``config`` rewrites the base kernels (PiSSA, OLoRA, LoftQ);
@@ -63,7 +74,6 @@ def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float
             "only right on the rewritten params; use `adapter, params = lora_jax.init_with_base(config, "
             "params, key)` and train on the params it returns."
         )
-    _check_implemented(config)
     if apply_fn is not None:
         from lora_jax.transform import infer_in_axes
 
@@ -72,10 +82,29 @@ def init(config: LoraConfig, params: Any, key: jax.Array, dtype: Any = jnp.float
         targets = find_targets(config, params)
         warn_guessed_splits(config, params, targets)
     keys = jax.random.split(key, len(targets))
-    return {
+    adapter = {
         name: _init_pair(config.init_lora_weights, target, k, dtype)
         for (name, target), k in zip(targets.items(), keys)
     }
+    return _with_variant_entries(config, params, targets, adapter, dtype)
+
+
+def _with_variant_entries(config: LoraConfig, params: Any, targets: dict[str, Target], adapter: Adapter,
+                          dtype: Any) -> Adapter:
+    """``adapter`` with DoRA magnitudes and the entries of trained tables added."""
+    if config.use_dora:
+        leaves = {target.path: leaf for target, leaf in _target_leaves(targets, params)}
+        for name, target in targets.items():
+            kernel = dora.kernel_values(target, leaves[target.path], "use_dora=True (the initial magnitude is "
+                                        "the norm of the kernel)")
+            entry = adapter[name]
+            full = kernel.astype(jnp.float32) + lora_delta(entry["lora_A"], entry["lora_B"], target.num_lead,
+                                                           target.scaling)
+            norms = dora.column_norms(full, target.num_lead, target.num_in)
+            # PEFT takes the norm in the kernel's dtype, then trains it as a float parameter.
+            adapter[name] = {**entry, dora.MAGNITUDE: norms.astype(kernel.dtype).astype(dtype)}
+    adapter.update(tables.initial_entries(tables.table_targets(config, params, targets), params, dtype))
+    return adapter
 
 
 def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
@@ -126,7 +155,6 @@ def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
     """
     if not config.changes_base:
         return init(config, params, key, dtype), params
-    _check_implemented(config)
     if config.init_lora_weights == "loftq":
         raise NotImplementedError(
             "init_lora_weights='loftq' needs the NF4 quantizer of lora_jax.quantize (the QLoRA feature), "
@@ -145,19 +173,7 @@ def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
         adapter[name] = pair
         new_kernels[target.path] = residual
     new_params = jax.tree_util.tree_map_with_path(lambda path, leaf: new_kernels.get(path, leaf), params)
-    return adapter, new_params
-
-
-def _check_implemented(config: LoraConfig) -> None:
-    if config.use_dora:
-        raise NotImplementedError(
-            "use_dora=True: DoRA is not in this version of lora_jax's transform yet; set use_dora=False."
-        )
-    if config.trainable_token_indices is not None:
-        raise NotImplementedError(
-            "trainable_token_indices is not supported by this version of lora_jax yet; train the embedding "
-            "with modules_to_save or a LoRA on it instead."
-        )
+    return _with_variant_entries(config, new_params, targets, adapter, dtype), new_params
 
 
 def _target_leaves(targets: dict[str, Target], params: Any) -> list[tuple[Target, Any]]:

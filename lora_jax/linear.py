@@ -22,6 +22,10 @@ and the input gradient only when the input is. The residuals are ``xd``, the sma
 ``u`` and the kernel as it was passed: a quantized kernel (any
 :class:`lora_jax.quantize.QuantizedArray`) is dequantized again in the backward pass
 instead of being kept alive, dequantized, as a residual.
+
+DoRA (:func:`dora_dot`) is ``lora_dot`` followed by a per-column scale
+``m / ||W + s·A@B||`` whose norms come from ``||W||²``, ``Aᵀ W`` and ``Aᵀ A``
+(:func:`dora_column_norms`): never the dense ``W + s·A@B`` nor its gradient.
 """
 
 from __future__ import annotations
@@ -344,3 +348,86 @@ def _lora_dot_same_input_bwd(spec, residuals, g):
 
 _lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd, symbolic_zeros=True)
 _lora_dot_same_input.defvjp(_lora_dot_same_input_fwd, _lora_dot_same_input_bwd, symbolic_zeros=True)
+
+
+# -- DoRA ----------------------------------------------------------------------------------------
+
+def base_dot(x: jax.Array, w: Any, spec: DotSpec) -> jax.Array:
+    """``x @ W`` alone, in :func:`lora_dot`'s layout (plain autodiff: W is frozen).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> base_dot(jnp.ones((2, 3)), jnp.ones((3, 4)), DotSpec()).shape
+        (2, 4)
+    """
+    return _base(x, dense_kernel(w), spec)
+
+
+def dora_column_norms(w: Any, a: jax.Array, b: jax.Array, spec: DotSpec) -> jax.Array:
+    """``||W + s·A@B||`` over the contracted axis K, per output column: ``(*lead, N)``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((5, 3), (5, 2), (2, 3)))
+        >>> norms = dora_column_norms(w, a, b, DotSpec(scaling=0.5))
+        >>> bool(jnp.allclose(norms, jnp.linalg.norm(w + 0.5 * a @ b, axis=0), atol=1e-5))
+        True
+
+    Computed as ``Σ_k W² + 2s·Σ_r (AᵀW)⊙B + s²·Σ_r B⊙((AᵀA)B)``: besides one pass over
+    W's squares, ``2rKN + 2r²(K + N)`` multiply-adds. In ``spec.w_transposed`` layout W
+    is ``(*lead, N, K)``. The caller treats the result as a constant (DoRA detaches it).
+    """
+    n = spec.num_lead
+    lead = _lead(spec)
+    wd = lax.stop_gradient(dense_kernel(w))
+    a, b = lax.stop_gradient(a), lax.stop_gradient(b)
+    f32 = jnp.float32
+    k_axis = n + 1 if spec.w_transposed else n
+    squares = jnp.sum(jnp.square(wd.astype(f32)), axis=k_axis)                  # (*lead, N)
+    # AᵀW: (*lead, r, N), contracting K of A with K of W.
+    a_w = lax.dot_general(a, wd, (((n,), (k_axis,)), (lead, lead)), precision=spec.precision,
+                          preferred_element_type=f32)
+    gram = lax.dot_general(a, a, (((n,), (n,)), (lead, lead)), precision=spec.precision,
+                           preferred_element_type=f32)                           # (*lead, r, r)
+    b32 = b.astype(f32)
+    gram_b = lax.dot_general(gram, b32, (((n + 1,), (n,)), (lead, lead)), precision=spec.precision,
+                             preferred_element_type=f32)                         # (*lead, r, N)
+    s = spec.scaling
+    total = squares + 2.0 * s * jnp.sum(a_w * b32, axis=n) + s * s * jnp.sum(b32 * gram_b, axis=n)
+    return jnp.sqrt(jnp.maximum(total, 0.0))
+
+
+def dora_dot(x: jax.Array, xd: jax.Array | None, w: Any, a: jax.Array, b: jax.Array,
+             magnitude: jax.Array, spec: DotSpec) -> jax.Array:
+    """DoRA's ``x · (m ⊙ (W + s·A@B) / ||W + s·A@B||)`` in :func:`lora_dot`'s layout.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> x, w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((4, 5), (5, 3), (5, 2), (2, 3)))
+        >>> m = jnp.array([1.0, 2.0, 3.0])
+        >>> k = w + 0.5 * a @ b
+        >>> y = dora_dot(x, None, w, a, b, m, DotSpec(scaling=0.5))
+        >>> bool(jnp.allclose(y, x @ (m * k / jnp.linalg.norm(k, axis=0)), atol=1e-5))
+        True
+
+    The norm is detached from the gradient (DoRA section 4.3, as PEFT). With dropout
+    (``xd`` not None) this is PEFT's training forward: ``x @ W + (c - 1) * (xd @ W) +
+    c * s * (xd @ A) @ B`` with ``c = m / ||W + s·A@B||``, which costs a second base dot.
+
+    Args:
+        x, xd, w, a, b, spec: as for :func:`lora_dot` (``a`` and ``b`` are the factors
+            in the dot's order: ``(*lead, K, r)`` and ``(*lead, r, N)``).
+        magnitude: ``(*lead, N)``, one magnitude per output column.
+    """
+    norms = dora_column_norms(w, a, b, spec)
+    scale = (magnitude.astype(jnp.float32) / norms)
+    if not spec.shared_x:  # (*lead, M, N): broadcast over the rows
+        scale = jnp.expand_dims(scale, spec.num_lead)
+    if xd is None:
+        y = lora_dot(x, None, w, a, b, spec)
+        return (y * scale).astype(y.dtype)
+    y = lora_dot(xd, None, w, a, b, spec)
+    rest = base_dot(x - xd, w, spec)
+    return (y * scale).astype(y.dtype) + rest

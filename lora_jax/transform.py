@@ -34,8 +34,16 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from lora_jax import dora, tables
 from lora_jax.config import LoraConfig, pattern_key
-from lora_jax.linear import DotSpec, QuantizedView, dense_kernel, lora_dot
+from lora_jax.linear import (
+    DotSpec,
+    QuantizedView,
+    dense_kernel,
+    dora_column_norms,
+    dora_dot,
+    lora_dot,
+)
 from lora_jax.merge import lora_delta
 from lora_jax.quantize import is_quantized
 from lora_jax.tree import Adapter, check_adapter, find_targets, select_modules
@@ -62,7 +70,14 @@ class LoraValue:
     (``lead + (slots,) + ...``), ``rows`` (shape ``lead + (batch,)``) holds each
     example's slot (-1: the base alone) and ``slot_scaling`` (``lead + (slots,)``)
     each slot's scaling, which then replaces ``scaling``.
+
+    ``magnitude`` is DoRA's ``m`` (shape ``lead`` + the kernel's output dims), or None.
+    ``transposed``: a transpose swapped the roles, so A now holds the kernel's original
+    output axes (where DoRA's magnitude lives). ``tied_head`` is set for an embedding
+    table, saying what a tied-head use (a dot contracting its original output axes)
+    sees: ``"base"``, W alone (PEFT's ``ensure_weight_tying=False``), or ``"adapted"``.
     """
+
 
     w: Any
     a: Any
@@ -74,6 +89,9 @@ class LoraValue:
     dropout: float = dataclasses.field(metadata={"static": True})
     rows: Any = None
     slot_scaling: Any = None
+    magnitude: Any = None
+    transposed: bool = dataclasses.field(default=False, metadata={"static": True})
+    tied_head: str = dataclasses.field(default="", metadata={"static": True})
 
     @property
     def ab_lead(self) -> int:
@@ -103,7 +121,41 @@ class LoraValue:
                 f"embedding lookup; {self.name!r} is used otherwise, and one dense kernel cannot hold a "
                 "different adapter per example.")
         delta = lora_delta(self.a, self.b, self.num_lead, self.scaling)
-        return (w.astype(jnp.float32) + delta).astype(w.dtype)
+        full = w.astype(jnp.float32) + delta
+        if self.magnitude is not None:
+            full = dora.rescale(full, self.magnitude, self.num_lead, self.num_a,
+                                magnitude_on_inputs=self.transposed)
+        return full.astype(w.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TableValue:
+    """A frozen table ``w`` whose lookups see ``rows`` (see :mod:`lora_jax.tables`).
+
+    ``indices`` are the trainable tokens (``rows`` is ``(n, dim)``) or None (``rows``
+    is a trained copy shaped like ``w``); ``token_axis`` is ``w``'s axis indexed by
+    token id. A dot that keeps the token axis free is an output head: trainable tokens
+    replace its columns for those tokens; a trained copy leaves it on ``w`` (PEFT's
+    ``ensure_weight_tying=False``).
+    """
+
+    w: Any
+    rows: Any
+    name: str = dataclasses.field(metadata={"static": True})
+    indices: tuple[int, ...] | None = dataclasses.field(metadata={"static": True})
+    token_axis: int = dataclasses.field(metadata={"static": True})
+    is_embedding: bool = dataclasses.field(metadata={"static": True})
+
+    def replace(self, **changes: Any) -> TableValue:
+        return dataclasses.replace(self, **changes)
+
+    def dense(self) -> jax.Array:
+        """The table the lookup sees, in w's dtype (the fallback)."""
+        return tables.with_rows(self.w, self.rows, self.indices, self.token_axis)
+
+
+_SYMBOLIC = (LoraValue, TableValue)
 
 
 def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]:
@@ -140,19 +192,42 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     traced with plain arrays of their shape, and each kernel is dequantized where a
     dot uses it, in the forward and again in the backward pass, so no dequantized
     kernel is kept alive between the two.
+
+    Variants, each through the same rules: DoRA (``use_dora``; the entry's
+    ``lora_magnitude`` rescales each output column by ``m / ||W + s*A@B||``, the
+    norm from low-rank terms, see :func:`lora_jax.linear.dora_dot`); convolutions
+    (``conv_general_dilated`` on a targeted kernel becomes ``conv(x, W) + s *
+    conv1x1(conv(x, A), B)`` as PEFT's Conv layers); trainable tokens and trained
+    copies of ``modules_to_save`` tables (:mod:`lora_jax.tables`). A targeted
+    embedding table that is also the tied output head (a dot contracting its
+    embedding axis) keeps W alone in the head unless ``ensure_weight_tying``, as PEFT
+    does; a :class:`TiedEmbeddingWarning` says which applies. Mixed-adapter batches
+    take none of these variants (PEFT's mixed batches refuse DoRA too).
     """
+
 
     @functools.wraps(apply_fn)
     def apply(params: Any, adapter: Adapter, *args: Any, lora_rng: jax.Array | None = None,
               adapter_ids: Any = None, **kwargs: Any) -> Any:
         if adapter_ids is None:
-            targets = find_targets(config, params, adapter)
-            check_adapter(targets, adapter)
+            lora_part, table_part = tables.split_adapter(adapter, ())
+            targets = find_targets(config, params, lora_part)
+            check_adapter(targets, lora_part)
+            dora.check_magnitudes(targets, lora_part, config.use_dora)
+            table_targets = tables.table_targets(config, params, targets)
+            tables.check_tables(table_targets, table_part)
             slots = None
         else:
+            if config.use_dora or config.trainable_token_indices is not None or tables.copy_targets(config, params):
+                raise ValueError(
+                    "lora_jax: mixed-adapter batches (adapter_ids=) take plain LoRA adapters only: not DoRA "
+                    "(as PEFT), trainable tokens or modules_to_save table copies.")
             targets, slots = _mixed_targets(config, params, adapter, adapter_ids)
+            lora_part, table_part, table_targets = adapter, {}, {}
         by_path = {t.path: t for t in targets.values()}
+        tables_by_path = {t.path: t for t in table_targets.values()}
         closed, out_tree, paths_leaves, traced_leaves = _trace(apply_fn, params, args, kwargs)
+
 
         use_dropout = lora_rng is not None and config.lora_dropout > 0
         invals = []
@@ -160,12 +235,17 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
             target = by_path.get(path)
             w = QuantizedView.of(leaf) if is_quantized(leaf) else leaf
             if target is None:
-                if w is not leaf:  # a frozen quantized kernel: dequantized where it is used
+                table = tables_by_path.get(path)
+                if table is not None:  # a table with trained rows (dequantized once if quantized)
+                    w = TableValue(w=dense_kernel(w), rows=table_part[table.module_name][table.key],
+                                   name=table.module_name, indices=table.indices, token_axis=table.token_axis,
+                                   is_embedding=table.leaf_name == tables.TABLE)
+                elif w is not leaf:  # a frozen quantized kernel: dequantized where it is used
                     w = LoraValue(w=w, a=None, b=None, key=None, num_lead=len(leaf.lead_shape),
                                   scaling=0.0, name=_module_label(path), dropout=0.0)
                 invals.append(w)
                 continue
-            pair = adapter[target.module_name]
+            pair = lora_part[target.module_name]
             key = None
             if use_dropout:
                 key = jax.random.fold_in(lora_rng, index)
@@ -175,6 +255,8 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
                 w=w, a=pair["lora_A"], b=pair["lora_B"], key=key, num_lead=target.num_lead,
                 scaling=target.scaling, name=target.module_name,
                 dropout=config.lora_dropout if use_dropout else 0.0,
+                magnitude=pair.get(dora.MAGNITUDE),
+                tied_head=("adapted" if config.ensure_weight_tying else "base") if target.is_embedding else "",
             )
             invals.append(value if slots is None else _with_slots(value, pair, slots))
         outs = _eval_jaxpr(closed.jaxpr, closed.consts, invals + traced_leaves)
@@ -278,8 +360,10 @@ def infer_in_axes(config: LoraConfig, apply_fn: Callable[..., Any], params: Any,
 
     Only shapes are traced (``args`` may be ``jax.ShapeDtypeStruct``s). A kernel
     the model contracts on its leading ``n`` axes (after any stacked-layer axis)
-    gets ``n`` input axes; entries already in ``config.in_axes`` win; 2-D
-    kernels and kernels used otherwise keep the default of one input axis.
+    gets ``n`` input axes; a kernel used by ``conv_general_dilated`` with its output
+    channels last (Flax's HWIO) is added to ``conv_modules`` (all axes but the last
+    are inputs); entries already in ``config.in_axes`` win; 2-D kernels and kernels
+    used otherwise keep the default of one input axis.
     """
     selected, kernels = select_modules(config, params)
     candidates = {}
@@ -293,10 +377,23 @@ def infer_in_axes(config: LoraConfig, apply_fn: Callable[..., Any], params: Any,
     found: dict[str, set[int]] = {}
     _contractions(closed.jaxpr, env, found)
     in_axes = dict(config.in_axes)
+    convs = [m for m, counts in found.items() if counts == {_CONV}]
     for module_name, counts in found.items():
-        if len(counts) == 1 and counts != {1} and pattern_key(in_axes, module_name) is None:
+        if len(counts) == 1 and min(counts) > 1 and pattern_key(in_axes, module_name) is None:
             in_axes[re.escape(module_name)] = counts.pop()
+    if convs:
+        old = config.conv_modules
+        if old is None:
+            conv_modules: Any = tuple(convs)
+        elif isinstance(old, str):
+            conv_modules = "(?:" + "|".join([old] + [re.escape(m) for m in convs]) + ")"
+        else:
+            conv_modules = tuple(dict.fromkeys(tuple(old) + tuple(convs)))
+        return config.replace(in_axes=in_axes, conv_modules=conv_modules)
     return config.replace(in_axes=in_axes)
+
+
+_CONV = -1  # recorded in place of a count: the kernel is a convolution kernel
 
 
 def _contractions(jaxpr: jcore.Jaxpr, env: dict[Any, tuple[str, int]], found: dict[str, set[int]]) -> None:
@@ -315,6 +412,10 @@ def _contractions(jaxpr: jcore.Jaxpr, env: dict[Any, tuple[str, int]], found: di
                     module_name, lead = info
                     if sorted(contract) == list(range(lead, lead + len(contract))):
                         found.setdefault(module_name, set()).add(len(contract))
+        elif name == "conv_general_dilated" and tracked[1] is not None and tracked[1][1] == 0:
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+            kind = _CONV if rhs_spec[0] == len(rhs_spec) - 1 else 0  # 0: a layout with no low-rank form
+            found.setdefault(tracked[1][0], set()).add(kind)
         else:
             for inner, inner_vals in _subjaxprs(eqn, tracked):
                 _contractions(inner, {v: t for v, t in zip(inner.invars, inner_vals) if t}, found)
@@ -361,11 +462,17 @@ def _eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) 
         write(var, value)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, LoraValue) for x in invals):
-            rule = _RULES.get(eqn.primitive.name, _fallback)
-            outvals = rule(eqn, invals)
-        else:
+        name = eqn.primitive.name
+        if not any(isinstance(x, _SYMBOLIC) for x in invals):
             outvals = _bind(eqn, invals)
+        elif name in _CALL_RULES:
+            outvals = _CALL_RULES[name](eqn, invals)
+        elif any(isinstance(x, LoraValue) for x in invals):
+            if any(isinstance(x, TableValue) for x in invals):
+                invals = _materialize(invals, name)
+            outvals = _RULES.get(name, _fallback)(eqn, invals)
+        else:
+            outvals = _TABLE_RULES.get(name, _fallback)(eqn, invals)
         if not eqn.primitive.multiple_results:
             outvals = [outvals]
         for var, value in zip(eqn.outvars, outvals):
@@ -389,10 +496,32 @@ def _warn_fallback(name: str, primitive: str, hint: str = "") -> None:
     )
 
 
+class TiedEmbeddingWarning(UserWarning):
+    """A trained embedding table is also used as the tied output head; says what the head sees.
+
+    PEFT's ``ensure_weight_tying=False`` (the default): a LoRA or ``modules_to_save`` on
+    the embedding changes only the input lookup; trainable tokens are followed by the head.
+    """
+
+
+def _warn_tied_head(name: str, what: str, follows: bool) -> None:
+    if follows:
+        behaviour = ("the head follows the trained table" + (
+            " (ensure_weight_tying=True)" if what != "trainable tokens" else " (PEFT ties trainable tokens)"))
+    else:
+        behaviour = ("the head keeps the original table and only the input lookup is trained "
+                     "(ensure_weight_tying=False, PEFT's default; set it True for the head to follow)")
+    warnings.warn(f"lora_jax: embedding {name!r} ({what}) is also the tied output head: {behaviour}.",
+                  TiedEmbeddingWarning, stacklevel=1)
+
+
 def _materialize(values: Sequence[Any], primitive: str, hint: str = "") -> list[Any]:
     out = []
     for value in values:
-        if isinstance(value, LoraValue):
+        if isinstance(value, TableValue):
+            _warn_fallback(value.name, primitive, hint)
+            value = value.dense()
+        elif isinstance(value, LoraValue):
             if value.a is not None:  # a frozen quantized kernel is just dequantized, quietly
                 _warn_fallback(value.name, primitive, hint)
             value = value.dense()
@@ -447,14 +576,20 @@ def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     ab_axes, off = tuple(range(ab)), ab - lead
     a_range, b_range = range(lead, lead + na), range(lead + na, lead + na + nb)
     w = _kernel_op(eqn, value.w)
+    m = value.magnitude  # lead + the axes it lives on (DoRA takes no mixed batch: no slot axis)
+    lead_axes = tuple(range(lead))
     if all(p in a_range for p in rest[:na]):  # (a..., b...) with each group permuted
         a = value.a.transpose(ab_axes + tuple(p + off for p in rest[:na]) + (ab + na,))
         b = value.b.transpose(ab_axes + (ab,) + tuple(p - na + 1 + off for p in rest[na:]))
-        return value.replace(w=w, a=a, b=b)
+        if m is not None:  # the magnitude follows the axes it lives on
+            m = m.transpose(lead_axes + (rest[:na] if value.transposed else tuple(p - na for p in rest[na:])))
+        return value.replace(w=w, a=a, b=b, magnitude=m)
     if all(p in b_range for p in rest[:nb]):  # (b..., a...): K^T = B^T A^T swaps roles
         new_a = value.b.transpose(ab_axes + tuple(p - na + 1 + off for p in rest[:nb]) + (ab,))
         new_b = value.a.transpose(ab_axes + (ab + na,) + tuple(p + off for p in rest[nb:]))
-        return value.replace(w=w, a=new_a, b=new_b)
+        if m is not None:
+            m = m.transpose(lead_axes + (rest[nb:] if value.transposed else tuple(p - na for p in rest[:nb])))
+        return value.replace(w=w, a=new_a, b=new_b, magnitude=m, transposed=not value.transposed)
     return _fallback(eqn, invals)
 
 
@@ -475,10 +610,14 @@ def _reshape(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     body = new_sizes[lead:]
     for split in range(1, len(body)):
         if math.prod(body[:split]) == math.prod(a_dims) and math.prod(body[split:]) == math.prod(b_dims):
+            m = value.magnitude
+            if m is not None:
+                m = m.reshape(new_sizes[:lead] + (body[:split] if value.transposed else body[split:]))
             return value.replace(
                 w=_kernel_op(eqn, value.w),
                 a=value.a.reshape(ab_shape + body[:split] + (r,)),
                 b=value.b.reshape(ab_shape + (r,) + body[split:]),
+                magnitude=m,
             )
     return _fallback(eqn, invals)
 
@@ -544,6 +683,16 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
                 f"{len(k_contract)}}} if those are its input axes.")
         return _bind(eqn, _materialize(invals, eqn.primitive.name, hint))
 
+    # The kernel's original output axes are B's, or A's after a role-swapping transpose.
+    contracts_outputs = w_transposed != value.transposed
+    if value.tied_head and contracts_outputs:  # a targeted embedding table as tied output head
+        _warn_tied_head(value.name, "LoRA", follows=value.tied_head == "adapted")
+        if value.tied_head == "base":
+            return _bind(eqn, [dense_kernel(value.w) if v is value else v for v in invals])
+    if value.magnitude is not None and contracts_outputs:
+        hint = " DoRA's magnitude runs along the axes this dot contracts, which has no low-rank form."
+        return _bind(eqn, _materialize(invals, eqn.primitive.name, hint))
+
     # x -> (*lead, M, K) (or (M, K) when shared): contracted axes in the kernel's axis order.
     order = sorted(range(len(k_contract)), key=lambda i: k_contract[i])
     x_con = tuple(x_contract[i] for i in order)
@@ -581,7 +730,12 @@ def _dot_general(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     if broadcast:  # each stacked slice drops its own mask: give x the lead axes after all
         xc, shared_x = jnp.broadcast_to(xc, lead_shape + xc.shape), False
     xd = _dropout(xc, value.key, value.dropout, n)
-    y = lora_dot(xc, xd, w, first, second, _spec(eqn, value, shared_x, w_transposed))
+    spec = _spec(eqn, value, shared_x, w_transposed)
+    if value.magnitude is None:
+        y = lora_dot(xc, xd, w, first, second, spec)
+    else:
+        magnitude = value.magnitude.reshape(lead_shape + (math.prod(k_free),))
+        y = dora_dot(xc, xd, w, first, second, magnitude, spec)
     if broadcast:  # (*lead, M, N) -> (M, *lead, N), the shared layout
         y, shared_x = jnp.moveaxis(y, tuple(range(n)), tuple(range(1, n + 1))), True
     return _to_dot_layout(y, lead_shape, free_shape, k_free, shared_x, kernel_is_lhs)
@@ -684,23 +838,25 @@ def _spec(eqn: jcore.JaxprEqn, value: LoraValue, shared_x: bool, w_transposed: b
 def _gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     """Embedding lookup ``E[ids]`` with E = W + s A B  ->  ``W[ids] + s A[ids] B``."""
     value, indices = invals
-    if isinstance(indices, LoraValue) or value.a is None or value.num_lead or value.num_a != 1 \
-            or value.num_b != 1:
+    if isinstance(indices, _SYMBOLIC) or value.a is None or value.num_lead or value.num_a != 1 \
+            or value.num_b != 1 or (value.magnitude is not None and value.transposed):
         return _fallback(eqn, invals)
     if value.rows is not None:
         return _mixed_gather(eqn, value, indices)
-    dnums = eqn.params["dimension_numbers"]
-    out_ndim = eqn.outvars[0].aval.ndim
-    rows = dnums.collapsed_slice_dims == (0,) and dnums.start_index_map == (0,)
-    if not (rows and not dnums.operand_batching_dims and tuple(dnums.offset_dims) == (out_ndim - 1,)
-            and tuple(eqn.params["slice_sizes"]) == (1, value.w.shape[1])):
+    if not _row_lookup(eqn, tuple(value.w.shape)):
         return _fallback(eqn, invals)
     base = _bind(eqn, [dense_kernel(value.w), indices])
     a = value.a.astype(value.w.dtype)
     params = dict(eqn.primitive.get_bind_params(eqn.params), slice_sizes=(1, a.shape[1]))
     a_rows = eqn.primitive.bind(a, indices, **params)
-    delta = jnp.matmul(a_rows, value.b.astype(value.w.dtype))
-    return base + (value.scaling * delta).astype(base.dtype)
+    b = value.b.astype(value.w.dtype)
+    delta = jnp.matmul(a_rows, b)
+    out = base + (value.scaling * delta).astype(base.dtype)
+    if value.magnitude is None:
+        return out
+    # DoRA: m / ||W + s A B|| per embedding dimension, the norm over the vocabulary (PEFT).
+    norms = dora_column_norms(value.w, a, b, DotSpec(scaling=value.scaling))
+    return (out * (value.magnitude.astype(jnp.float32) / norms)).astype(out.dtype)
 
 
 def _mixed_gather(eqn: jcore.JaxprEqn, value: LoraValue, indices: jax.Array) -> jax.Array:
@@ -725,6 +881,161 @@ def _mixed_gather(eqn: jcore.JaxprEqn, value: LoraValue, indices: jax.Array) -> 
     delta = jnp.einsum("b...r,brd->b...d", rows_a, rows_b.astype(value.w.dtype))
     delta = delta * row_scaling.reshape((batch,) + (1,) * (delta.ndim - 1)).astype(delta.dtype)
     return base + delta.astype(base.dtype)
+
+
+def _row_lookup(eqn: jcore.JaxprEqn, table_shape: tuple[int, ...]) -> bool:
+    """Whether a ``gather`` takes whole rows of a 2-D table by row index (an embedding lookup)."""
+    dnums = eqn.params["dimension_numbers"]
+    out_ndim = eqn.outvars[0].aval.ndim
+    return (len(table_shape) == 2 and dnums.collapsed_slice_dims == (0,) and dnums.start_index_map == (0,)
+            and not dnums.operand_batching_dims and tuple(dnums.offset_dims) == (out_ndim - 1,)
+            and tuple(eqn.params["slice_sizes"]) == (1, table_shape[1]))
+
+
+# -- rules: convolutions --------------------------------------------------------------------
+
+def _conv(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """``conv(x, K)`` with K = W + s A B  ->  ``conv(x, W) + s * conv1x1(conv(x, A), B)``, as PEFT's Conv.
+
+    A is a conv kernel with W's window and r output channels, run with W's strides and
+    padding but no dilation (PEFT builds lora_A without it; a dilated kernel therefore
+    needs 'same' padding, as in PEFT); B is a 1x1 conv, i.e. a dot over the channels.
+    DoRA rescales each output channel by ``m / ||W + s A B||`` (norm over window and inputs).
+    """
+    x, value = invals
+    params = eqn.params
+    dn = params["dimension_numbers"]
+    nd = len(value.w.shape) if isinstance(value, LoraValue) else 0
+    if isinstance(x, _SYMBOLIC) or not isinstance(value, LoraValue) or value.a is None or value.num_lead \
+            or value.transposed or value.num_b != 1 or value.num_a != nd - 1 or dn.rhs_spec[0] != nd - 1 \
+            or params["feature_group_count"] != 1 or params["batch_group_count"] != 1 \
+            or any(d != 1 for d in params["lhs_dilation"]):
+        hint = (" LoRA on a conv needs an ungrouped, non-transposed conv whose kernel ends in its output "
+                "channels (Flax's HWIO), split after all but the last axis (LoraConfig.conv_modules).")
+        return _bind(eqn, _materialize(invals, eqn.primitive.name, hint))
+    w = dense_kernel(value.w)
+    dtype = w.dtype
+    a, b = value.a.astype(dtype), value.b.astype(dtype)
+    xd = _dropout(x, value.key, value.dropout, 0)
+    x_low = x if xd is None else xd
+    conv = functools.partial(
+        lax.conv_general_dilated, window_strides=params["window_strides"], lhs_dilation=params["lhs_dilation"],
+        dimension_numbers=dn, precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"))
+    base = _bind(eqn, [x, w])
+    u = conv(x_low, a, padding=_lora_a_padding(params, x.shape, w.shape, dn),
+             rhs_dilation=(1,) * (nd - 2))
+    channel = dn.out_spec[1]
+    low = lax.dot_general(u, b, (((channel,), (0,)), ((), ())), precision=params.get("precision"),
+                          preferred_element_type=params.get("preferred_element_type"))
+    low = jnp.moveaxis(low, -1, channel)
+    if low.shape != base.shape:
+        raise ValueError(
+            f"lora_jax: the LoRA branch of conv {value.name!r} gives shape {low.shape} but the conv gives "
+            f"{base.shape}: PEFT's lora_A has the kernel's window, strides and padding but no dilation "
+            f"(rhs_dilation={tuple(params['rhs_dilation'])}), so a dilated conv needs 'same' padding."
+        )
+    if value.magnitude is None:
+        return base + (value.scaling * low).astype(base.dtype)
+    k_in = math.prod(value.a.shape[:-1])
+    norms = dora_column_norms(w.reshape(k_in, -1), a.reshape(k_in, -1), b, DotSpec(scaling=value.scaling))
+    scale = (value.magnitude.astype(jnp.float32) / norms).reshape(
+        tuple(-1 if i == channel else 1 for i in range(base.ndim)))
+    if xd is None:
+        return ((base + value.scaling * low) * scale).astype(base.dtype)
+    base_dropped = conv(xd, w, padding=params["padding"], rhs_dilation=params["rhs_dilation"])
+    return (base + (scale - 1) * base_dropped + scale * value.scaling * low).astype(base.dtype)
+
+
+def _lora_a_padding(params: dict[str, Any], x_shape: tuple[int, ...], w_shape: tuple[int, ...],
+                    dn: Any) -> Any:
+    """The padding of PEFT's lora_A conv: the base's, recomputed for A's undilated window when
+    the base pads 'same' for its dilated one (torch's padding='same')."""
+    dilation, pads, strides = params["rhs_dilation"], params["padding"], params["window_strides"]
+    if all(d == 1 for d in dilation):
+        return pads
+    spatial = [x_shape[i] for i in dn.lhs_spec[2:]]
+    window = [w_shape[i] for i in dn.rhs_spec[2:]]
+    dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
+    same = lax.padtype_to_pads(spatial, dilated, strides, "SAME")
+    if [tuple(p) for p in pads] == [tuple(p) for p in same]:
+        return lax.padtype_to_pads(spatial, window, strides, "SAME")
+    return pads
+
+
+# -- rules: embedding tables with trained rows (lora_jax.tables) -----------------------------
+
+def _table_cast(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+        return _fallback(eqn, invals)
+    return value.replace(w=_bind(eqn, [value.w]))
+
+
+def _table_same_shape_op(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    return value.replace(w=_bind(eqn, [value.w]))
+
+
+def _table_transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    (value,) = invals
+    if np.ndim(value.w) != 2:
+        return _fallback(eqn, invals)
+    rows = value.rows if value.indices is not None else value.rows.T
+    return value.replace(w=_bind(eqn, [value.w]), rows=rows, token_axis=1 - value.token_axis)
+
+
+def _table_gather(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """A lookup of rows: from the trained copy, or the table's rows with the trainable ones swapped in."""
+    value, indices = invals
+    if isinstance(indices, _SYMBOLIC) or value.token_axis != 0 or not _row_lookup(eqn, np.shape(value.w)):
+        return _fallback(eqn, invals)
+    if value.indices is None:
+        return _bind(eqn, [value.rows.astype(value.w.dtype), indices])
+    base = _bind(eqn, [value.w, indices])
+    count = len(value.indices)
+    # slot[token] = its position among the trainable tokens, or `count` (no trainable row).
+    slot = jnp.full((value.w.shape[0],), count, jnp.int32).at[jnp.asarray(value.indices)].set(
+        jnp.arange(count, dtype=jnp.int32))
+    ids = indices[..., 0]
+    slots = jnp.take(slot, ids, mode="fill", fill_value=count)
+    padded = jnp.concatenate([value.rows.astype(base.dtype), jnp.zeros((1, base.shape[-1]), base.dtype)])
+    swapped = jnp.take(padded, slots, axis=0)
+    return jnp.where((slots < count)[..., None], swapped, base)
+
+
+def _table_dot(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
+    """A dot keeping the table's token axis free is an output head over the tokens."""
+    lhs, rhs = invals
+    if isinstance(lhs, TableValue) and isinstance(rhs, TableValue):
+        return _fallback(eqn, invals)
+    table_is_lhs = isinstance(lhs, TableValue)
+    value = lhs if table_is_lhs else rhs
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract, batch = (lc, lb) if table_is_lhs else (rc, rb)
+    axis = value.token_axis
+    if axis in contract or axis in batch:  # a one-hot lookup, or a batched use: no cheap form
+        return _fallback(eqn, invals)
+    with_w = [value.w if v is value else v for v in invals]
+    if value.indices is None:  # a trained copy: the head keeps the frozen table (ensure_weight_tying=False)
+        _warn_tied_head(value.name, "modules_to_save", follows=False)
+        return _bind(eqn, with_w)
+    if value.is_embedding and value.token_axis == 0:
+        _warn_tied_head(value.name, "trainable tokens", follows=True)
+    base = _bind(eqn, with_w)
+    rows = value.rows.astype(value.w.dtype)
+    rows = rows if value.token_axis == 0 else rows.T
+    swapped = _bind(eqn, [rows if v is value else v for v in invals])
+    # Where the token axis lands in dot_general's output: (batch, lhs free, rhs free).
+    other = rhs if table_is_lhs else lhs
+    other_contract, other_batch = (rc, rb) if table_is_lhs else (lc, lb)
+    free = [d for d in range(np.ndim(value.w)) if d not in contract and d not in batch]
+    out_axis = len(batch) + free.index(axis)
+    if not table_is_lhs:
+        out_axis += np.ndim(other) - len(other_contract) - len(other_batch)
+    index = (slice(None),) * out_axis + (jnp.asarray(value.indices),)
+    return base.at[index].set(swapped.astype(base.dtype))
+
 
 
 # -- rules: control flow and calls ----------------------------------------------------------
@@ -759,6 +1070,8 @@ def _scan(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
                 x = _materialize([x], "scan over kernel axes")[0]
             else:  # the scan slices the leading axis off W, A, B and the dropout keys
                 x = x.replace(num_lead=x.num_lead - 1)
+        elif isinstance(x, TableValue):  # a table's slices have no rows of their own
+            x = _materialize([x], "scan over a table")[0]
         xs.append(x)
 
     def body(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -801,18 +1114,31 @@ def _cond(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     return list(lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], operands))
 
 
-_RULES: dict[str, Callable[[jcore.JaxprEqn, Sequence[Any]], Any]] = {
-    "dot_general": _dot_general,
-    "convert_element_type": _convert_element_type,
-    "transpose": _transpose,
-    "reshape": _reshape,
-    "gather": _gather,
-    "copy": _same_shape_op,
-    "sharding_constraint": _same_shape_op,
+_Rule = Callable[[jcore.JaxprEqn, Sequence[Any]], Any]
+# Call-like and control-flow primitives: their bodies are interpreted with any symbolic values.
+_CALL_RULES: dict[str, _Rule] = {
     "jit": _inline_call("jaxpr"),
     "closed_call": _inline_call("call_jaxpr"),
     "remat2": _remat,
     "scan": _scan,
     "while": _while,
     "cond": _cond,
+}
+_RULES: dict[str, _Rule] = {
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "convert_element_type": _convert_element_type,
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "gather": _gather,
+    "copy": _same_shape_op,
+    "sharding_constraint": _same_shape_op,
+}
+_TABLE_RULES: dict[str, _Rule] = {
+    "dot_general": _table_dot,
+    "convert_element_type": _table_cast,
+    "transpose": _table_transpose,
+    "gather": _table_gather,
+    "copy": _table_same_shape_op,
+    "sharding_constraint": _table_same_shape_op,
 }

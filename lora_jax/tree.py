@@ -130,7 +130,8 @@ def warn_guessed_splits(config: LoraConfig, params: Any, targets: dict[str, Targ
     and no bias beside it to read the output axes from."""
     biases = None
     for name, target in targets.items():
-        if len(target.shape) - target.num_lead <= 2 or pattern_key(config.in_axes, name) is not None:
+        if len(target.shape) - target.num_lead <= 2 or pattern_key(config.in_axes, name) is not None \
+                or config.is_conv(name):
             continue
         biases = bias_shapes(params) if biases is None else biases
         if name in biases:
@@ -230,7 +231,8 @@ def find_targets(config: LoraConfig, params: Any, adapter: Adapter | None = None
         ((8, 2), (2, 4))
 
     How an N-D kernel splits into input and output axes (``Target.num_in``), first
-    rule that applies: ``config.in_axes``; the ``lora_A`` of ``adapter`` when one is
+    rule that applies: ``config.in_axes``; ``config.conv_modules`` (all axes but the
+    last); the ``lora_A`` of ``adapter`` when one is
     given (an adapter carries its split in its shapes); a ``bias`` beside the kernel
     (a bias has the output's shape, so ``(heads, head_dim, d)`` with a ``(d,)`` bias has
     two input axes); otherwise one input axis. :func:`lora_jax.init` can also read the
@@ -238,7 +240,9 @@ def find_targets(config: LoraConfig, params: Any, adapter: Adapter | None = None
 
     Raises ``ValueError`` naming what is wrong when a target, pattern or
     ``modules_to_save`` entry matches nothing, a rank does not fit its
-    kernel, or a selected leaf is not an array of rank >= 2.
+    kernel, or a selected leaf is not an array of rank >= 2. A rank above
+    min(in, out) is accepted when ``adapter`` already has it (PEFT allows any
+    rank; a PiSSA/OLoRA adapter converted to the original base has rank 2r).
     """
     selected, candidates = select_modules(config, params)
     for field in ("rank_pattern", "alpha_pattern", "in_axes"):
@@ -259,7 +263,7 @@ def find_targets(config: LoraConfig, params: Any, adapter: Adapter | None = None
         path, leaf_name, leaf = candidates[name]
         entry = adapter.get(name) if isinstance(adapter, dict) else None
         targets[name] = _make_target(config, name, path, leaf_name, leaf,
-                                     _num_in_axes(config, name, leaf, entry, biases.get(name)))
+                                     _num_in_axes(config, name, leaf, entry, biases.get(name)), entry)
     return targets
 
 
@@ -274,6 +278,8 @@ def _num_in_axes(config: LoraConfig, name: str, kernel: Any, entry: Any, bias_sh
         return config.num_in_axes(name)
     num_lead = 1 if config.is_stacked(name) else 0
     ndim = len(np.shape(kernel))
+    if config.is_conv(name) and ndim - num_lead >= 2:  # window... + (in, out): all but the last axis
+        return ndim - num_lead - 1
     a = entry.get("lora_A") if isinstance(entry, dict) else None
     if a is not None and 1 <= np.ndim(a) - num_lead - 1 < ndim - num_lead:
         return np.ndim(a) - num_lead - 1
@@ -285,7 +291,7 @@ def _num_in_axes(config: LoraConfig, name: str, kernel: Any, entry: Any, bias_sh
 
 
 def _make_target(config: LoraConfig, name: str, path: KeyPath, leaf_name: str, leaf: Any,
-                 num_in: int) -> Target:
+                 num_in: int, entry: Any = None) -> Target:
     shape = getattr(leaf, "shape", None)
     num_lead = 1 if config.is_stacked(name) else 0
     if shape is None or len(shape) < 2 + num_lead:
@@ -300,7 +306,8 @@ def _make_target(config: LoraConfig, name: str, path: KeyPath, leaf_name: str, l
     rank = config.rank(name)
     fan_in = math.prod(shape[num_lead : num_lead + num_in])
     fan_out = math.prod(shape[num_lead + num_in :])
-    if rank > min(fan_in, fan_out):
+    given = entry.get("lora_A") if isinstance(entry, dict) else None
+    if rank > min(fan_in, fan_out) and (given is None or np.shape(given)[-1:] != (rank,)):
         raise ValueError(
             f"Rank {rank} for {name} exceeds min(in, out) = min({fan_in}, {fan_out}) of its kernel "
             f"{tuple(shape)}; use r <= {min(fan_in, fan_out)} (rank_pattern can lower one module)."
@@ -361,7 +368,9 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
 
     These are the leaves of ``modules_to_save`` and, with ``bias="all"`` or
     ``"lora_only"``, the biases; the kernels themselves stay frozen (their
-    update lives in the adapter).
+    update lives in the adapter). An embedding table in ``modules_to_save`` with
+    ``ensure_weight_tying=False`` stays frozen too: its trained copy lives in the
+    adapter (:mod:`lora_jax.tables`), so that a tied output head keeps the original.
 
     Example:
         >>> import jax.numpy as jnp
@@ -379,7 +388,7 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
     def is_trainable(path: KeyPath, _: Any) -> bool:
         module_name, leaf_name = split_path(path)
         if saved and _under(saved, module_name):
-            return True
+            return leaf_name != "embedding" or config.ensure_weight_tying
         if leaf_name == "bias":
             return config.bias == "all" or module_name in targeted
         return False

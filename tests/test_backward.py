@@ -218,7 +218,8 @@ def test_tied_embedding_as_input_lookup_and_output_head():
         h = jnp.tanh(h @ p["proj"]["kernel"])
         return h @ p["embed"]["embedding"].T   # contracts the embedding's output axis: B first
 
-    config = lora_jax.LoraConfig(r=2, lora_alpha=3, target_modules=["embed", "proj"])
+    # ensure_weight_tying=True: the head follows the adapted table (False keeps W there: test_tied_embeddings.py).
+    config = lora_jax.LoraConfig(r=2, lora_alpha=3, target_modules=["embed", "proj"], ensure_weight_tying=True)
     check_grads(apply, params, config, jnp.array([[1, 4, 29], [0, 7, 7]]), argnums=(0, 1))
 
 

@@ -168,7 +168,8 @@ def test_nested_jit_remat_and_transposed_kernel():
         h = inner(p["proj"]["kernel"], h) @ p["proj"]["kernel"].T  # nested jit + remat + K^T
         return h @ p["embed"]["embedding"].T  # tied embedding as output head: contracts its out axis
 
-    config = lora_jax.LoraConfig(r=2, lora_alpha=3, target_modules=["proj", "embed"])
+    # ensure_weight_tying=True: the tied head follows the adapted table (tests/test_tied_embeddings.py has False).
+    config = lora_jax.LoraConfig(r=2, lora_alpha=3, target_modules=["proj", "embed"], ensure_weight_tying=True)
     adapter = random_adapter(config, params)
     ids = jnp.array([[1, 4, 29], [0, 7, 7]])
     with warnings.catch_warnings():
