@@ -47,7 +47,6 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 # adapter_config.json settings that change what the adapter computes in ways
 # lora_jax does not implement: loading refuses them rather than load wrong maths.
 _UNSUPPORTED_SETTINGS = {
-    "use_dora": "DoRA (use_dora=true) is not supported yet",
     "lora_bias": "a bias on lora_B (lora_bias=true) is not supported",
     "use_qalora": "QA-LoRA (use_qalora=true) is not supported",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
@@ -55,11 +54,13 @@ _UNSUPPORTED_SETTINGS = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
     "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
     "kasa_config": "KaSA (kasa_config) is not supported",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices) are not supported",
     "layer_replication": "layer_replication is not supported",
 }
 # Initialisations after which PEFT's base weights differ from the pretrained ones.
 _BASE_MUTATING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# Of those, the ones PEFT's loading reproduces deterministically from the original base
+# (it re-runs the decomposition before loading A and B), and so does load_peft.
+RECOMPUTED_INITS = ("pissa", "olora")
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def to_adapter_config(
     task_type: str | None,
     saved_paths: Sequence[str] | None,
     parameters: Mapping[str, Target] | None = None,
+    token_paths: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` dict PEFT needs to rebuild exactly the exported modules.
 
@@ -96,6 +98,7 @@ def to_adapter_config(
             ``name_map`` renames them, else None.
         parameters: torch parameter path -> target, one per exported bare parameter
             (PEFT's ``target_parameters``, written as exact paths).
+        token_paths: torch path -> token ids of every table with trainable tokens.
 
     Returns:
         Every key peft 0.21 writes; ``target_modules``, ``rank_pattern`` and
@@ -107,8 +110,14 @@ def to_adapter_config(
         r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora, fan_in_fan_out=config.fan_in_fan_out, bias=config.bias,
         init_lora_weights=config.init_lora_weights, base_model_name_or_path=base_model_name_or_path,
-        task_type=task_type,
+        task_type=task_type, use_dora=config.use_dora, ensure_weight_tying=config.ensure_weight_tying,
+        loftq_config=dict(config.loftq_config),
     )
+    tokens = config.trainable_token_indices
+    if tokens is not None:
+        # A plain list means "the input embedding" to PEFT too; a dict is written with torch paths.
+        out["trainable_token_indices"] = list(tokens) if not isinstance(tokens, Mapping) else {
+            path: list(ids) for path, ids in (token_paths or {}).items()}
     paths = sorted(exported)
     parameters = dict(parameters or {})
     spec = config.target_modules
@@ -197,6 +206,10 @@ def _is_layer_index(value: Any) -> bool:
     return _is_int(value) and value >= 0
 
 
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_layer_index(i) for i in value)
+
+
 # key -> (check, what is expected). Keys lora_jax reads, and the ones PEFT needs to rebuild the model.
 _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer such as 8"),
@@ -223,6 +236,12 @@ _FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha_pattern": (lambda v: v is None or isinstance(v, dict),
                       "an object mapping module patterns to lora_alpha values"),
     "target_parameters": (lambda v: v is None or _is_str_list(v), "a list of parameter names or null"),
+    "ensure_weight_tying": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "trainable_token_indices": (
+        lambda v: v is None or _is_token_list(v) or (isinstance(v, dict) and all(
+            isinstance(k, str) and _is_token_list(ids) for k, ids in v.items())),
+        "a list of token ids, an object mapping module names to lists of token ids, or null"),
+    "loftq_config": (lambda v: v is None or isinstance(v, dict), "an object (PEFT's LoftQConfig) or {}"),
 }
 _PATTERN_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rank_pattern": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -268,6 +287,9 @@ class AdapterSettings:
     fan_in_fan_out: bool = False
     layers_pattern: str | tuple[str, ...] | None = None
     target_parameters: tuple[str, ...] = ()
+    use_dora: bool = False
+    ensure_weight_tying: bool = False
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
 
     def rank(self, torch_path: str) -> tuple[int, str]:
         """``(rank, which key gives it)`` for a torch module path, by PEFT's ``rank_pattern`` rule."""
@@ -326,13 +348,21 @@ def read_settings(peft_config: Any, source: str) -> AdapterSettings:
         if peft_config.get(key):
             raise PeftFormatError(f"{source}: {why} ({key}={peft_config[key]!r}).")
     init = peft_config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
+    if isinstance(init, str) and init.lower() in RECOMPUTED_INITS:
+        init = init.lower()
+    elif isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise PeftFormatError(
-            f"{source}: init_lora_weights={init!r} changes the base model's weights in PEFT, so this "
-            "adapter only works on that modified base. Convert it to a plain LoRA in PEFT with "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=...) first."
+            f"{source}: init_lora_weights={init!r} changes the base model's weights in PEFT in a way that "
+            "cannot be recomputed from the original base, so this adapter only works on that modified base. "
+            "Convert it to a plain LoRA in PEFT with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) first."
         )
     layers_pattern = peft_config.get("layers_pattern") or None
+    tokens = peft_config.get("trainable_token_indices")
+    if isinstance(tokens, dict):
+        tokens = {k: tuple(v) for k, v in tokens.items()}
+    elif tokens is not None:
+        tokens = tuple(tokens)
     return AdapterSettings(
         r=peft_config.get("r", 8),
         lora_alpha=peft_config.get("lora_alpha", 8),
@@ -340,13 +370,16 @@ def read_settings(peft_config: Any, source: str) -> AdapterSettings:
         alpha_pattern=dict(peft_config.get("alpha_pattern") or {}),
         use_rslora=bool(peft_config.get("use_rslora", False)),
         lora_dropout=float(peft_config.get("lora_dropout") or 0.0),
-        init_lora_weights=init if init in (True, False, "gaussian") else True,
+        init_lora_weights=init if init in (True, False, "gaussian", *RECOMPUTED_INITS) else True,
         bias=peft_config.get("bias", "none"),
         modules_to_save=tuple(peft_config.get("modules_to_save") or ()),
         fan_in_fan_out=bool(peft_config.get("fan_in_fan_out", False)),
         layers_pattern=layers_pattern if isinstance(layers_pattern, str) or layers_pattern is None
         else tuple(layers_pattern),
         target_parameters=tuple(peft_config.get("target_parameters") or ()),
+        use_dora=bool(peft_config.get("use_dora") or False),
+        ensure_weight_tying=bool(peft_config.get("ensure_weight_tying") or False),
+        trainable_token_indices=tokens,
     )
 
 
@@ -373,6 +406,8 @@ def lora_config_for_file(
     stacked: Sequence[str],
     saved: Sequence[str],
     kernel_names: Sequence[str],
+    convs: Sequence[str] = (),
+    token_indices: Mapping[str, Sequence[int]] | None = None,
 ) -> LoraConfig:
     """A ``LoraConfig`` that selects exactly the file's modules, with PEFT's ranks and scalings.
 
@@ -391,6 +426,8 @@ def lora_config_for_file(
         stacked: adapted modules with a leading layer axis.
         saved: modules whose full tensors the file holds as ``modules_to_save``.
         kernel_names: the leaf names that hold weights.
+        convs: adapted modules the file holds as conv LoRA.
+        token_indices: lora_jax module -> token ids, for tables with trainable tokens.
 
     Returns:
         The config; ``target_modules``, ``rank_pattern``, ``alpha_pattern`` and
@@ -413,5 +450,9 @@ def lora_config_for_file(
         kernel_names=tuple(kernel_names),
         in_axes={_exact_key(m, kernel_modules): num_ins[m] for m in names if num_ins[m] != 1},
         stacked_modules=_exact_spec(stacked, kernel_modules) if stacked else None,
+        conv_modules=_exact_spec(convs, kernel_modules) if convs else None,
         layers_pattern=settings.layers_pattern,
+        use_dora=settings.use_dora,
+        ensure_weight_tying=settings.ensure_weight_tying,
+        trainable_token_indices=dict(token_indices) if token_indices else None,
     )

@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import dora, tables
 from lora_jax.config import LoraConfig, matches
+from lora_jax.convert import convert_to_original_base
 from lora_jax.peft.adapter_config import TASK_TYPES, to_adapter_config
 from lora_jax.peft.card import model_card
 from lora_jax.peft.files import DEFAULT_ADAPTER_NAME, adapter_dir_for_save, write_adapter
-from lora_jax.peft.keys import ENTRY_KEYS, KEY_PREFIX
+from lora_jax.peft.keys import ENTRY_KEYS, KEY_PREFIX, TOKENS_PART
 from lora_jax.peft.naming import (
     LAYER_PLACEHOLDER,
     NameMap,
@@ -49,11 +51,37 @@ _PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 _EMBEDDING_HINTS = ("embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
                     "token_type_embeddings", "embed_positions", "embeddings", "embedding", "shared")
 
-# How each adapter entry is laid out in torch: (in..., r) -> (r, in) and (r, out...) -> (out, r).
-_TORCH_LAYOUT: dict[str, Callable[[np.ndarray, Target], np.ndarray]] = {
-    "lora_A": lambda a, target: a.reshape(-1, target.rank).T,
-    "lora_B": lambda b, target: b.reshape(target.rank, -1).T,
-}
+# The torch path of the output head PEFT ties to the input embedding (transformers' _tied_weights_keys).
+TIED_HEAD = "lm_head"
+
+
+def is_conv(config: LoraConfig, target: Target) -> bool:
+    """Whether ``target`` is written as PEFT's ``nn.Conv*d`` LoRA: a ``conv_modules`` kernel, or a
+    4-D / 5-D kernel split after all axes but the last (Flax's ``nn.Conv`` HWIO / DHWIO)."""
+    body = len(target.shape) - target.num_lead
+    if target.is_embedding:
+        return False
+    return config.is_conv(target.module_name) or (body >= 4 and target.num_in == body - 1)
+
+
+def _torch_layout(entry: str, value: np.ndarray, target: Target, conv: bool) -> np.ndarray:
+    """One layer's adapter entry in torch layout.
+
+    Linear: A (in..., r) -> (r, in), B (r, out...) -> (out, r), magnitude -> (out,).
+    Conv: A (*window, in, r) -> (r, in, *window), B (r, out) -> (out, r, 1...), magnitude ->
+    (1, out, 1...) as PEFT's DoRA keeps the dims of the conv weight's norm.
+    """
+    rank, windows = target.rank, len(target.in_shape) - 1
+    if entry == "lora_A":
+        if conv:
+            nd = value.ndim
+            return value.transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
+        return value.reshape(-1, rank).T
+    if entry == "lora_B":
+        out = value.reshape(rank, -1).T
+        return out.reshape(out.shape + (1,) * windows) if conv else out
+    flat = value.reshape(-1)
+    return flat.reshape((1, -1) + (1,) * windows) if conv else flat
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -64,10 +92,14 @@ def _torch_leaf(leaf_name: str) -> str:
     return "weight" if leaf_name in ("kernel", "embedding", "scale") else leaf_name
 
 
-def _kernel_to_torch(value: np.ndarray, num_in: int) -> np.ndarray:
-    """A Flax kernel ``in_shape + out_shape`` as a torch Linear weight (out, in)."""
+def _kernel_to_torch(value: np.ndarray, num_in: int, conv: bool = False) -> np.ndarray:
+    """A Flax kernel ``in_shape + out_shape`` as a torch Linear weight (out, in), or a conv
+    kernel ``(*window, in, out)`` as a torch conv weight ``(out, in, *window)``."""
     if value.ndim < 2:
         return value
+    if conv:
+        nd = value.ndim
+        return value.transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
     fan_in = math.prod(value.shape[:num_in])
     return value.reshape(fan_in, -1).T
 
@@ -147,10 +179,13 @@ def _stacked_lead(targets: Mapping[str, Target], patterns: tuple[str, ...],
 
 def _full_tensors(
     params: Any, config: LoraConfig, targets: Mapping[str, Target], to_torch: Callable[[str], str],
-    patterns: tuple[str, ...], save_embedding_layers: bool | str,
+    patterns: tuple[str, ...], save_embedding_layers: bool | str, copies: Mapping[str, Any],
 ) -> tuple[list[tuple[str, np.ndarray, str]], list[str]]:
     """``([(key, tensor, source)], module_paths)``: the full tensors to write, and
-    every torch module path of ``params`` (for checking ``target_modules``)."""
+    every torch module path of ``params`` (for checking ``target_modules``).
+
+    ``copies``: module -> the adapter's trained copy of its table, written in place of
+    the params leaf (a ``modules_to_save`` table with ``ensure_weight_tying=False``)."""
     leaves = list(named_leaves(params))
     lead = _stacked_lead(targets, patterns, to_torch)
 
@@ -185,15 +220,19 @@ def _full_tensors(
             part = "base_layer.weight"
         else:
             continue
-        value = _to_numpy(leaf)
+        copied = module in copies and leaf_name == "embedding"
+        value = _to_numpy(copies[module] if copied else leaf)
+        source = f"adapter[{module!r}]['embedding']" if copied else f"params leaf {module}.{leaf_name}"
         num_in = target.num_in if target else config.num_in_axes(module)
+        conv = is_conv(config, target) if target else (
+            config.is_conv(module) or value.ndim - (1 if lead(module, leaf) else 0) >= 4)
         for index, path in torch_paths(module, leaf):
             v = value if index is None else value[index]
             if leaf_name == "kernel":
-                v = _kernel_to_torch(v, num_in)
+                v = _kernel_to_torch(v, num_in, conv)
             elif leaf_name == "bias":
                 v = v.reshape(-1)  # the bias of an N-D (DenseGeneral) kernel, flattened like its output
-            out.append((f"{path}.{part}", v, f"params leaf {module}.{leaf_name}"))
+            out.append((f"{path}.{part}", v, source))
     return out, module_paths
 
 
@@ -241,6 +280,8 @@ def to_peft(
     name_map: NameMap = None,
     save_embedding_layers: bool | Literal["auto"] = "auto",
     dtype: Any = jnp.float32,
+    initial_adapter: Adapter | None = None,
+    tied_head: str | None = TIED_HEAD,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """:func:`save_peft` in memory: the PEFT state dict and the ``adapter_config.json`` dict.
 
@@ -258,8 +299,8 @@ def to_peft(
 
     Args:
         adapter, config, params: as for :func:`save_peft`.
-        base_model_name_or_path, task_type, name_map, save_embedding_layers, dtype:
-            as for :func:`save_peft`.
+        base_model_name_or_path, task_type, name_map, save_embedding_layers, dtype,
+            initial_adapter, tied_head: as for :func:`save_peft`.
 
     Returns:
         ``(tensors, peft_config)``: PEFT key -> numpy array, and the config dict.
@@ -271,42 +312,65 @@ def to_peft(
         raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {task_type!r}.")
     to_torch = path_mapper(name_map)
     patterns = layer_patterns(config.layers_pattern)
+    lora_part, table_part = tables.split_adapter(adapter, ())
+    if initial_adapter is not None:
+        if not config.changes_base:
+            raise ValueError(
+                f"initial_adapter converts an adapter trained on a rewritten base (init_lora_weights 'pissa', "
+                f"'pissa_niter_<k>', 'olora') to one for the original base; this config has "
+                f"init_lora_weights={config.init_lora_weights!r}, whose base is the original already."
+            )
+        lora_part, config = convert_to_original_base(lora_part, tables.split_adapter(initial_adapter, ())[0],
+                                                     config)
     if params is None:
-        if config.modules_to_save or config.bias != "none" or save_embedding_layers is True:
+        if config.modules_to_save or config.bias != "none" or save_embedding_layers is True \
+                or config.trainable_token_indices is not None or table_part:
             raise ValueError(
                 f"save_peft needs params to write modules_to_save={config.modules_to_save!r}, "
-                f"bias={config.bias!r} or save_embedding_layers=True tensors; pass the params tree."
+                f"bias={config.bias!r}, trainable tokens or save_embedding_layers=True tensors; pass the "
+                "params tree."
             )
-        targets = _targets_without_params(config, adapter)
+        targets = _targets_without_params(config, lora_part)
     else:
-        targets = find_targets(config, params, adapter)
-    check_adapter(targets, adapter)
+        targets = find_targets(config, params, lora_part)
+    check_adapter(targets, lora_part)
+    dora.check_magnitudes(targets, lora_part, config.use_dora)
+    table_targets = tables.table_targets(config, params, targets) if params is not None else {}
+    tables.check_tables(table_targets, table_part)
 
     # Bare torch parameters (MoE experts, routers) are PEFT target_parameters, keyed apart.
     parameters = {name: target for name, target in targets.items() if is_parameter(target)}
     targets = {name: target for name, target in targets.items() if name not in parameters}
-    items, exported_parameters = parameter_tensors(parameters, adapter, config, to_torch, patterns)
+    items, exported_parameters = parameter_tensors(parameters, lora_part, config, to_torch, patterns)
     exported: dict[str, Target] = {}  # torch path -> target, one per layer of a stacked target
     for name, target in targets.items():
-        unknown = sorted(set(adapter[name]) - set(ENTRY_KEYS))
+        unknown = sorted(set(lora_part[name]) - set(ENTRY_KEYS))
         if unknown:
             raise ValueError(
                 f"adapter[{name!r}] has entries {unknown} that PEFT's LoRA format has no key for "
                 f"(known: {sorted(ENTRY_KEYS)}); they would be silently dropped."
             )
-        values = {entry: _to_numpy(adapter[name][entry]) for entry in ENTRY_KEYS}
+        values = {entry: _to_numpy(value) for entry, value in lora_part[name].items()}
+        conv = is_conv(config, target)
         size = target.lead_shape[0] if target.num_lead else 0
         for index, path in layer_paths(to_torch(name), target.num_lead, size, patterns, name):
-            for entry, entry_key in ENTRY_KEYS.items():
-                value = values[entry] if index is None else values[entry][index]
-                items.append((f"{path}.{entry_key.part(target.is_embedding)}",
-                              _TORCH_LAYOUT[entry](value, target), f"adapter[{name!r}][{entry!r}]"))
+            for entry, value in values.items():
+                value = value if index is None else value[index]
+                items.append((f"{path}.{ENTRY_KEYS[entry].part(target.is_embedding)}",
+                              _torch_layout(entry, value, target, conv), f"adapter[{name!r}][{entry!r}]"))
             exported[path] = target
+    for name, table in table_targets.items():
+        if table.indices is not None:
+            items.append((f"{to_torch(name)}.{TOKENS_PART}", _to_numpy(table_part[name][table.key]),
+                          f"adapter[{name!r}][{table.key!r}]"))
     module_paths = saved_paths = None
     if params is not None:
         check_moe_module_names(targets, params)
-        full, module_paths = _full_tensors(params, config, targets, to_torch, patterns, save_embedding_layers)
+        copies = {name: table_part[name][t.key] for name, t in table_targets.items() if t.indices is None}
+        full, module_paths = _full_tensors(params, config, targets, to_torch, patterns, save_embedding_layers,
+                                           copies)
         items += full
+        items += _tied_head_tensors(config, targets, lora_part, items, params, module_paths, to_torch, tied_head)
         if config.modules_to_save and name_map is not None:
             modules = [m for _, m, _, _ in named_leaves(params)]
             saved_paths = _saved_torch_paths(config.modules_to_save, modules, to_torch)
@@ -323,10 +387,52 @@ def to_peft(
         tensors[key] = _finite_tensor(value, np.dtype(dtype), source)
         origin[key] = source
     names_unchanged = name_map is None and not any(t.num_lead for t in targets.values())
+    token_paths = {to_torch(name): t.indices for name, t in table_targets.items() if t.indices is not None}
     peft_config = to_adapter_config(config, exported, module_paths, names_unchanged and not parameters,
                                     base_model_name_or_path, task_type, saved_paths,
-                                    parameters=exported_parameters)
+                                    parameters=exported_parameters, token_paths=token_paths)
     return tensors, peft_config
+
+
+def _tied_head_tensors(config: LoraConfig, targets: Mapping[str, Target], lora_part: Adapter,
+                       items: list[tuple[str, np.ndarray, str]], params: Any, module_paths: Sequence[str],
+                       to_torch: Callable[[str], str], tied_head: str | None) -> list[tuple[str, np.ndarray, str]]:
+    """The keys PEFT writes for a tied output head with ``ensure_weight_tying=True``.
+
+    PEFT then gives the head (``lm_head``) a LoRA whose factors are the input embedding's,
+    transposed (``lm_head.lora_A.weight`` = ``lora_embedding_B``ᵀ, ``lora_B`` =
+    ``lora_embedding_A``ᵀ) beside a copy of its base table, and saves a
+    ``modules_to_save`` table under the head's name too. lora_jax writes the same when
+    the params have no module at ``tied_head`` (their head is the embedding table itself).
+    """
+    if not config.ensure_weight_tying or tied_head is None or tied_head in module_paths:
+        return []
+    out = []
+    lora_tables = [n for n, t in targets.items() if t.is_embedding and _is_input_embedding(n) and not t.num_lead]
+    for name in lora_tables:
+        if config.use_dora:
+            raise ValueError(
+                f"DoRA on the tied embedding {name!r} with ensure_weight_tying=True: PEFT gives the tied head "
+                "its own magnitude, which a shared table cannot hold; set ensure_weight_tying=False or leave "
+                "the embedding out of target_modules."
+            )
+        source = f"adapter[{name!r}] (as the tied {tied_head})"
+        out += [(f"{tied_head}.lora_A.weight", _to_numpy(lora_part[name]["lora_B"]), source),
+                (f"{tied_head}.lora_B.weight", _to_numpy(lora_part[name]["lora_A"]), source)]
+    saved = tuple(config.modules_to_save or ())
+    saved_tables = [m for _, m, leaf_name, _ in named_leaves(params)
+                    if saved and leaf_name == "embedding" and in_modules(saved, m) and _is_input_embedding(m)]
+    copies = {f"{to_torch(n)}.base_layer.weight": "base_layer.weight" for n in lora_tables}
+    copies.update({f"{to_torch(n)}.weight": "weight" for n in saved_tables})
+    for key, value, source in items:
+        if key in copies:
+            out.append((f"{tied_head}.{copies[key]}", value, f"{source} (as the tied {tied_head})"))
+    return out
+
+
+def _is_input_embedding(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last in tables.INPUT_EMBEDDING_NAMES
 
 
 def save_peft(
@@ -342,6 +448,8 @@ def save_peft(
     save_embedding_layers: bool | Literal["auto"] = "auto",
     dtype: Any = jnp.float32,
     overwrite: bool = False,
+    initial_adapter: Adapter | None = None,
+    tied_head: str | None = TIED_HEAD,
 ) -> Path:
     """Write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
@@ -379,6 +487,19 @@ def save_peft(
         dtype: dtype of every tensor written (float32 by default).
         overwrite: replace the adapter files in an existing non-empty directory
             (other files there are kept).
+        initial_adapter: for a PiSSA / OLoRA adapter (``init_lora_weights`` that
+            rewrites the base): the adapter :func:`lora_jax.init_with_base`
+            returned. The file is then the plain LoRA of rank 2r for the
+            *original* base (:func:`lora_jax.convert_to_original_base`, PEFT's
+            ``path_initial_model_for_weight_conversion``), which loads on the
+            unmodified model in PyTorch. Without it a PiSSA / OLoRA file records
+            its init, and PEFT re-runs the decomposition on load.
+        tied_head: the torch path of the output head tied to the input
+            embedding. With ``ensure_weight_tying=True``, params that have no
+            module there (their head is the embedding table) get the head keys
+            PEFT writes: ``<head>.lora_A/B.weight`` (the embedding's factors,
+            transposed), ``<head>.base_layer.weight`` and a ``modules_to_save``
+            table's ``<head>.weight``. None writes none.
 
     Returns:
         The directory the adapter was written to.
@@ -394,6 +515,7 @@ def save_peft(
     tensors, peft_config = to_peft(
         adapter, config, params, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
         name_map=name_map, save_embedding_layers=save_embedding_layers, dtype=dtype,
+        initial_adapter=initial_adapter, tied_head=tied_head,
     )
     a_parts = tuple("." + ENTRY_KEYS["lora_A"].part(is_embedding) for is_embedding in (False, True))
     num_modules = sum(k.endswith(a_parts) for k in tensors)

@@ -10,18 +10,24 @@ part                        torch shape           what it is
 ``lora_B.weight``           (out_features, r)     entry ``"lora_B"`` of a linear module
 ``lora_embedding_A``        (r, num_embeddings)   entry ``"lora_A"`` of an embedding table
 ``lora_embedding_B``        (embedding_dim, r)    entry ``"lora_B"`` of an embedding table
+``lora_A.weight`` (conv)    (r, in, *window)      entry ``"lora_A"`` of a conv kernel
+``lora_B.weight`` (conv)    (out, r, 1, ...)      entry ``"lora_B"`` of a conv kernel
+``lora_magnitude_vector``   (out,)                entry ``"lora_magnitude"`` (DoRA);
+                                                  (1, out, 1, ...) for a conv
+``token_adapter.            (n, dim)              entry ``"trainable_tokens"``: the rows
+trainable_tokens_delta``                          of the listed tokens (values, not deltas)
 ``base_layer.bias``         (out,)                bias of a targeted module
-``bias`` / ``weight``       as in torch           ``modules_to_save``, ``bias="all"``
+``bias`` / ``weight``       as in torch           ``modules_to_save``, ``bias="all"``; a
+                                                  table's copy (entry ``"embedding"``)
 ``base_layer.weight``       as in torch           a targeted embedding's table
 ==========================  ====================  ==========================================
 
 PEFT keeps an adapter name in memory (``lora_A.default.weight``) and removes it
 on save; a file that still carries one is read with the name stripped.
 
-To teach export and import a new entry (a DoRA magnitude, say): add an
-:class:`EntryKey` to :data:`ENTRY_KEYS` and drop its refusal from ``_REFUSED``
-here; give its torch layout in ``export._TORCH_LAYOUT``; and read it back in
-``load._adapter_pair``, which today expects exactly ``lora_A`` and ``lora_B``.
+To teach export and import a new entry: add an :class:`EntryKey` to
+:data:`ENTRY_KEYS` (and drop any refusal of it from ``_REFUSED``); give its torch
+layout in ``export._torch_layout``; and read it back in ``load._adapter_pair``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class EntryKey:
     entry: str
     linear: tuple[str, str]
     embedding: tuple[str, str]
+    required: bool = True
 
     def part(self, is_embedding: bool) -> str:
         """The key suffix after the module path, for a linear module or an embedding table."""
@@ -62,14 +69,17 @@ class EntryKey:
 ENTRY_KEYS: dict[str, EntryKey] = {
     "lora_A": EntryKey("lora_A", linear=("lora_A", ".weight"), embedding=("lora_embedding_A", "")),
     "lora_B": EntryKey("lora_B", linear=("lora_B", ".weight"), embedding=("lora_embedding_B", "")),
+    "lora_magnitude": EntryKey("lora_magnitude", linear=("lora_magnitude_vector", ""),
+                               embedding=("lora_magnitude_vector", ""), required=False),
 }
+# The trainable rows of a table (PEFT's TrainableTokensLayer inside a TrainableTokensWrapper).
+TOKENS_PART = "token_adapter.trainable_tokens_delta"
 
 # Keys of PEFT features whose maths lora_jax does not implement: refused, never dropped.
 _REFUSED = (
-    (re.compile(r"lora_magnitude_vector"), "is a DoRA magnitude vector; DoRA is not supported yet"),
     (re.compile(r"\.lora_B(?:\.[^.]+)?\.bias$"), "is a lora_B bias (lora_bias=True), which is not supported"),
-    (re.compile(r"trainable_tokens|\.token_adapter\."), "holds trainable tokens, which are not supported"),
 )
+_TOKENS = re.compile(rf"^(?P<module>.+)\.{re.escape(TOKENS_PART)}(?:\.(?P<name>[^.]+))?$")
 _ENTRY_PATTERNS = [
     (entry.entry, re.compile(rf"^(?P<module>.+)\.{re.escape(stem)}(?:\.(?P<name>[^.]+))?{re.escape(tail)}$"))
     for entry in ENTRY_KEYS.values() for stem, tail in (entry.linear, entry.embedding)
@@ -84,16 +94,18 @@ class ParsedKey:
 
     Attributes:
         key: the key as in the file.
-        kind: "entry" (a LoRA factor), "full" (a whole tensor) or "copy" (the
-            trained copy inside PEFT's ``modules_to_save`` wrapper).
+        kind: "entry" (a LoRA factor or DoRA magnitude), "tokens" (trainable
+            token rows), "full" (a whole tensor) or "copy" (the trained copy
+            inside PEFT's ``modules_to_save`` wrapper).
         module: the torch module path.
-        part: the entry ("lora_A") for "entry"; the torch leaf ("weight",
-            "bias") for "full"; the rest after ``modules_to_save.`` for "copy".
+        part: the entry ("lora_A") for "entry" and "tokens"; the torch leaf
+            ("weight", "bias") for "full"; the rest after ``modules_to_save.``
+            for "copy".
         adapter_name: an adapter name left inside an entry key, or None.
     """
 
     key: str
-    kind: Literal["entry", "full", "copy"]
+    kind: Literal["entry", "tokens", "full", "copy"]
     module: str
     part: str
     adapter_name: str | None = None
@@ -108,10 +120,14 @@ def parse_key(key: str, source: str) -> ParsedKey | None:
         ParsedKey(key='base_model.model.model.layers.0.q_proj.lora_A.weight', kind='entry', module='model.layers.0.q_proj', part='lora_A', adapter_name=None)
         >>> parse_key("base_model.model.lm_head.weight", "f").kind
         'full'
-        >>> parse_key("base_model.model.model.layers.0.q_proj.lora_magnitude_vector", "f")
+        >>> parse_key("base_model.model.model.layers.0.q_proj.lora_magnitude_vector", "f").part
+        'lora_magnitude'
+        >>> parse_key("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", "f").kind
+        'tokens'
+        >>> parse_key("base_model.model.model.layers.0.q_proj.lora_B.bias", "f")
         Traceback (most recent call last):
         ...
-        lora_jax.peft.errors.PeftFormatError: f: key 'base_model.model.model.layers.0.q_proj.lora_magnitude_vector' is a DoRA magnitude vector; DoRA is not supported yet.
+        lora_jax.peft.errors.PeftFormatError: f: key 'base_model.model.model.layers.0.q_proj.lora_B.bias' is a lora_B bias (lora_bias=True), which is not supported.
 
     Args:
         key: the key as in the file (with or without ``base_model.model.``).
@@ -127,6 +143,9 @@ def parse_key(key: str, source: str) -> ParsedKey | None:
             raise PeftFormatError(f"{source}: key {key!r} {why}.")
     if ".original_module." in bare:
         return None  # PEFT's frozen copy inside a modules_to_save wrapper (bias="all")
+    found = _TOKENS.match(bare)
+    if found:
+        return ParsedKey(key, "tokens", found["module"], "trainable_tokens", found["name"])
     for entry, pattern in _ENTRY_PATTERNS:
         found = pattern.match(bare)
         if found:

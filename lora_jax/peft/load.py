@@ -22,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.config import LoraConfig, pattern_key
+from lora_jax import tables
+from lora_jax.config import LoraConfig, matches, pattern_key
+from lora_jax.init import init_with_base
 from lora_jax.peft.adapter_config import AdapterSettings, lora_config_for_file, read_settings
 from lora_jax.peft.errors import PeftFormatError
+from lora_jax.peft.export import TIED_HEAD
 from lora_jax.peft.files import CONFIG_NAME, find_adapter_dir, read_config, read_tensors
-from lora_jax.peft.keys import ENTRY_KEYS, full_key_parts, parse_key
+from lora_jax.peft.keys import ENTRY_KEYS, KEY_PREFIX, full_key_parts, parse_key
 from lora_jax.peft.naming import NameMap, ParamsIndex, in_modules, layer_patterns, path_mapper
 from lora_jax.peft.parameters import PARAMETER_LEAF, read_parameter_factors
 from lora_jax.tree import Adapter, KeyPath, check_adapter, find_targets
@@ -133,10 +136,13 @@ def _check_layers(layers: Sequence[int | None], shape: tuple[int, ...], what: st
 
 
 def _group_keys(tensors: Mapping[str, Any], index: ParamsIndex, source: str) -> tuple[
-        dict[str, dict[int | None, _Factors]], dict[tuple[str, str], dict[int | None, _FullTensor]]]:
-    """Split PEFT keys into LoRA entries per module and full tensors per (module, torch leaf)."""
+        dict[str, dict[int | None, _Factors]], dict[tuple[str, str], dict[int | None, _FullTensor]],
+        dict[str, _FullTensor]]:
+    """Split PEFT keys into LoRA entries per module, full tensors per (module, torch leaf) and
+    trainable-token rows per module."""
     factors: dict[str, dict[int | None, _Factors]] = {}
     full: dict[tuple[str, str], dict[int | None, _FullTensor]] = {}
+    tokens: dict[str, _FullTensor] = {}
     names_inside: set[str] = set()
     copies = []
     for key, value in tensors.items():
@@ -157,6 +163,15 @@ def _group_keys(tensors: Mapping[str, Any], index: ParamsIndex, source: str) -> 
                     f"{parsed.part} of {parsed.module}; expected one key per tensor."
                 )
             layer_factors.entries[parsed.part] = (key, array)
+        elif parsed.kind == "tokens":
+            module, layer = index.resolve(parsed.module, key)
+            if layer is not None:
+                raise PeftFormatError(f"{source}: {key!r} holds trainable tokens of a stacked layer; "
+                                      "unroll the layers to load it.")
+            if not jnp.issubdtype(array.dtype, jnp.floating) or array.ndim != 2:
+                raise PeftFormatError(f"{source}: {key!r} has shape {array.shape} and dtype {array.dtype}; "
+                                      "expected the (n_tokens, dim) floating-point rows of the trainable tokens.")
+            tokens[module] = _FullTensor(key, array, parsed.module)
         elif parsed.kind == "copy":
             copies.append((parsed, array))
         else:
@@ -188,7 +203,7 @@ def _group_keys(tensors: Mapping[str, Any], index: ParamsIndex, source: str) -> 
         torch_module, leaf = full_key_parts(parsed.module, ".".join(parts))
         module, layer = index.resolve(torch_module, parsed.key)
         full.setdefault((module, leaf), {}).setdefault(layer, _FullTensor(parsed.key, array, parsed.module))
-    return factors, full
+    return factors, full, tokens
 
 
 # -- LoRA factors ---------------------------------------------------------------------------
@@ -210,8 +225,8 @@ def _forced_in_axes(in_axes: Mapping[str, int], module: str) -> int | None:
 def _adapter_pair(
     module: str, layers: Mapping[int | None, _Factors], index: ParamsIndex, settings: AdapterSettings,
     in_axes: Mapping[str, int], kernel_names: Sequence[str], source: str,
-) -> tuple[dict[str, np.ndarray], int, float, int, bool]:
-    """``(entry, rank, alpha, num_in, stacked)`` for one adapted module."""
+) -> tuple[dict[str, np.ndarray], int, float, int, bool, bool]:
+    """``(entry, rank, alpha, num_in, stacked, conv)`` for one adapted module."""
     kernel = [n for n in index.leaves_of[module] if n in kernel_names]
     first = next(iter(layers.values()))
     some_key = next(iter(first.entries.values()))[0]
@@ -225,32 +240,54 @@ def _adapter_pair(
     shape = tuple(np.shape(index.leaves[(module, leaf_name)][1]))
     stacked = _check_layers(list(layers), shape, f"kernel {module}.{leaf_name}", source)
     body = shape[1:] if stacked else shape
-    a_list, b_list, seen = [], [], None
+    lists: dict[str, list[np.ndarray]] = {}
+    seen = None
+    conv = False
     for layer in sorted(layers, key=lambda i: -1 if i is None else i):
         factors = layers[layer]
-        missing = [entry for entry in ENTRY_KEYS if entry not in factors.entries]
+        missing = [entry for entry, key in ENTRY_KEYS.items() if key.required and entry not in factors.entries]
         if missing:
             have = next(iter(factors.entries.values()))[0]
             raise PeftFormatError(f"{source}: {have!r} has no matching {missing[0]} tensor.")
         (key_a, lora_a), (key_b, lora_b) = factors.entries["lora_A"], factors.entries["lora_B"]
-        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
+        conv = lora_a.ndim > 2
+        if conv:  # nn.Conv*d: lora_A (r, in, *window), lora_B (out, r, 1, ...)
+            ok = lora_b.ndim == lora_a.ndim and lora_a.shape[0] == lora_b.shape[1] \
+                and all(d == 1 for d in lora_b.shape[2:])
+        else:
+            ok = lora_a.ndim == 2 and lora_b.ndim == 2 and lora_a.shape[0] == lora_b.shape[1]
+        if not ok:
             raise PeftFormatError(
                 f"{source}: {key_a!r} has shape {tuple(lora_a.shape)} and {key_b!r} has shape "
-                f"{tuple(lora_b.shape)}; expected (r, in_features) and (out_features, r)."
+                f"{tuple(lora_b.shape)}; expected (r, in_features) and (out_features, r), or a conv's "
+                "(r, in, *window) and (out, r, 1, ...)."
             )
-        rank, fan_in, fan_out = lora_a.shape[0], lora_a.shape[1], lora_b.shape[0]
-        num_in = _split_dims(body, fan_in, fan_out, _forced_in_axes(in_axes, module))
-        if num_in is None:
-            hint = ""
-            if len(body) == 2 and body == (fan_out, fan_in):
-                hint = (" The kernel looks transposed: lora_jax expects Flax kernels laid out (in, out), "
-                        "the transpose of torch's nn.Linear weight.")
-            raise ValueError(
-                f"{source}: {key_a!r} {tuple(lora_a.shape)} and {key_b!r} {tuple(lora_b.shape)} form a LoRA "
-                f"for in_features={fan_in}, out_features={fan_out}, which does not fit kernel "
-                f"{module}.{leaf_name} of shape {shape}" + (" (after its layer axis)" if stacked else "")
-                + "." + hint
-            )
+        rank, fan_out = lora_a.shape[0], lora_b.shape[0]
+        if conv:
+            window = tuple(lora_a.shape[2:])
+            want_body = window + (lora_a.shape[1], fan_out)
+            if body != want_body:
+                raise ValueError(
+                    f"{source}: {key_a!r} {tuple(lora_a.shape)} and {key_b!r} {tuple(lora_b.shape)} form a conv "
+                    f"LoRA for a kernel (*window, in, out) = {want_body}, which does not fit kernel "
+                    f"{module}.{leaf_name} of shape {shape}" + (" (after its layer axis)" if stacked else "")
+                    + " (lora_jax expects Flax's nn.Conv layout, window first, then in and out channels)."
+                )
+            num_in = len(body) - 1
+        else:
+            fan_in = lora_a.shape[1]
+            num_in = _split_dims(body, fan_in, fan_out, _forced_in_axes(in_axes, module))
+            if num_in is None:
+                hint = ""
+                if len(body) == 2 and body == (fan_out, fan_in):
+                    hint = (" The kernel looks transposed: lora_jax expects Flax kernels laid out (in, out), "
+                            "the transpose of torch's nn.Linear weight.")
+                raise ValueError(
+                    f"{source}: {key_a!r} {tuple(lora_a.shape)} and {key_b!r} {tuple(lora_b.shape)} form a LoRA "
+                    f"for in_features={fan_in}, out_features={fan_out}, which does not fit kernel "
+                    f"{module}.{leaf_name} of shape {shape}" + (" (after its layer axis)" if stacked else "")
+                    + "." + hint
+                )
         want, given_by = settings.rank(factors.torch_path)
         if rank != want:
             raise ValueError(
@@ -265,11 +302,24 @@ def _adapter_pair(
                 "for all layers; unroll the layers to load it."
             )
         seen = (rank, layer_alpha)
-        a_list.append(lora_a.T.reshape(body[:num_in] + (rank,)))
-        b_list.append(lora_b.T.reshape((rank,) + body[num_in:]))
-    entry = {"lora_A": np.stack(a_list) if stacked else a_list[0],
-             "lora_B": np.stack(b_list) if stacked else b_list[0]}
-    return entry, seen[0], seen[1], num_in, stacked
+        if conv:
+            nd = lora_a.ndim
+            a = lora_a.transpose(tuple(range(2, nd)) + (1, 0))  # (r, in, *window) -> (*window, in, r)
+        else:
+            a = lora_a.T.reshape(body[:num_in] + (rank,))
+        lists.setdefault("lora_A", []).append(a)
+        lists.setdefault("lora_B", []).append(lora_b.reshape(lora_b.shape[:2]).T.reshape((rank,) + body[num_in:]))
+        if "lora_magnitude" in factors.entries:
+            key_m, magnitude = factors.entries["lora_magnitude"]
+            out_shape = body[num_in:]
+            if magnitude.size != math.prod(out_shape):
+                raise ValueError(f"{source}: {key_m!r} has shape {tuple(magnitude.shape)}; expected one DoRA "
+                                 f"magnitude per output feature of {module}.{leaf_name}: {math.prod(out_shape)}.")
+            lists.setdefault("lora_magnitude", []).append(magnitude.reshape(out_shape))
+    if len({len(v) for v in lists.values()}) > 1:
+        raise PeftFormatError(f"{source}: only some layers of {module!r} have a lora_magnitude_vector.")
+    entry = {k: np.stack(v) if stacked else v[0] for k, v in lists.items()}
+    return entry, seen[0], seen[1], num_in, stacked, conv
 
 
 # -- full tensors ---------------------------------------------------------------------------
@@ -321,6 +371,80 @@ def _full_update(
     return path, jnp.asarray(value, dtype=leaf_dtype)
 
 
+# -- variants: tied heads, trainable tokens ------------------------------------------------
+
+def _without_tied_head(tensors: Mapping[str, Any], settings: AdapterSettings, index: ParamsIndex,
+                       source: str) -> Mapping[str, Any]:
+    """``tensors`` without the tied head's keys PEFT writes with ``ensure_weight_tying``, when the
+    params have no such head (their head is the embedding table): each must mirror the embedding."""
+    prefix = KEY_PREFIX + TIED_HEAD + "."
+    if not settings.ensure_weight_tying or TIED_HEAD in index.by_torch:
+        return tensors
+    head = {k: v for k, v in tensors.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not head:
+        return tensors
+    embedding = [k.rsplit(".", 1)[0] for k in tensors if isinstance(k, str) and k.endswith(".lora_embedding_A")
+                 and k.rsplit(".", 2)[-2] in tables.INPUT_EMBEDDING_NAMES]
+    tables_saved = [k.rsplit(".", 1)[0] for k in tensors if isinstance(k, str) and k.endswith(".weight")
+                    and k.rsplit(".", 2)[-2] in tables.INPUT_EMBEDDING_NAMES]
+    mirrors = {}
+    for module in embedding:
+        mirrors[prefix + "lora_A.weight"] = (module + ".lora_embedding_B", True)
+        mirrors[prefix + "lora_B.weight"] = (module + ".lora_embedding_A", True)
+        mirrors[prefix + "base_layer.weight"] = (module + ".base_layer.weight", False)
+    for module in tables_saved:
+        mirrors.setdefault(prefix + "weight", (module + ".weight", False))
+    for key, value in head.items():
+        if key not in mirrors or mirrors[key][0] not in tensors:
+            raise PeftFormatError(
+                f"{source}: key {key!r} is for the tied output head {TIED_HEAD!r} (ensure_weight_tying=true), "
+                "but the params have no such module and the file has no input-embedding tensor it mirrors."
+            )
+        other, transposed = mirrors[key]
+        mine, theirs = np.asarray(value), np.asarray(tensors[other])
+        if transposed:
+            theirs = theirs.T
+        if mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+            raise PeftFormatError(
+                f"{source}: key {key!r} should mirror {other!r} (the params' output head is the tied input "
+                "embedding), but its values differ; lora_jax cannot give a tied head its own weights."
+            )
+    return {k: v for k, v in tensors.items() if k not in head}
+
+
+def _token_indices(settings: AdapterSettings, rows: Mapping[str, _FullTensor], index: ParamsIndex,
+                   source: str) -> dict[str, tuple[int, ...]]:
+    """lora_jax module -> token ids for each table whose trainable-token rows the file holds."""
+    spec = settings.trainable_token_indices
+    if spec is None:
+        if rows:
+            key = next(iter(rows.values())).key
+            raise PeftFormatError(f"{source}: {key!r} holds trainable tokens, but adapter_config.json has no "
+                                  "trainable_token_indices to say which.")
+        return {}
+    if not rows:
+        raise PeftFormatError(f"{source}: adapter_config.json sets trainable_token_indices but the file has no "
+                              "'...token_adapter.trainable_tokens_delta' tensor.")
+    out = {}
+    for module, tensor in rows.items():
+        if isinstance(spec, dict):
+            found = [ids for key, ids in spec.items() if matches((key,), tensor.torch_module)]
+            if len(found) != 1:
+                raise PeftFormatError(f"{source}: {tensor.key!r} has no single trainable_token_indices entry "
+                                      f"naming {tensor.torch_module!r} (entries: {sorted(spec)}).")
+            ids = found[0]
+        elif len(rows) == 1:
+            ids = spec
+        else:
+            raise PeftFormatError(f"{source}: trainable_token_indices is one list but the file has trainable "
+                                  f"tokens for {sorted(t.torch_module for t in rows.values())}.")
+        if tensor.value.shape[0] != len(ids):
+            raise PeftFormatError(f"{source}: {tensor.key!r} has {tensor.value.shape[0]} rows but "
+                                  f"trainable_token_indices lists {len(ids)} tokens for it.")
+        out[module] = tuple(ids)
+    return out
+
+
 # -- public ---------------------------------------------------------------------------------
 
 def from_peft(
@@ -365,14 +489,15 @@ def from_peft(
     wrapped, wrapped_settings, tensors = read_parameter_factors(
         tensors, settings.target_parameters, index, settings.rank, settings.alpha,
         lambda key, value: _checked_tensor(key, value, source, floating=True), source)
-    factors, full = _group_keys(tensors, index, source)
+    tensors = _without_tied_head(tensors, settings, index, source)
+    factors, full, token_rows = _group_keys(tensors, index, source)
     if not factors and not wrapped:
         raise PeftFormatError(
             f"{source} holds no LoRA tensors (keys ending in .lora_A.weight or .lora_embedding_A)."
         )
 
     adapter: Adapter = {}
-    ranks, alphas, num_ins, stacked = {}, {}, {}, []
+    ranks, alphas, num_ins, stacked, convs = {}, {}, {}, [], []
     for module, entry in wrapped.items():
         adapter[module] = {k: jnp.asarray(v, dtype) for k, v in entry.items()}
         ranks[module], alphas[module], is_stacked = wrapped_settings[module]
@@ -382,28 +507,48 @@ def from_peft(
     if wrapped and PARAMETER_LEAF not in kernel_names:
         kernel_names = (*kernel_names, PARAMETER_LEAF)
     for module, layers in factors.items():
-        entry, ranks[module], alphas[module], num_ins[module], is_stacked = _adapter_pair(
+        entry, ranks[module], alphas[module], num_ins[module], is_stacked, is_conv = _adapter_pair(
             module, layers, index, settings, in_axes, kernel_names, source)
+        if ("lora_magnitude" in entry) != settings.use_dora:
+            parts = next(iter(layers.values())).entries
+            key = parts["lora_magnitude"][0] if "lora_magnitude" in parts else parts["lora_A"][0]
+            raise PeftFormatError(
+                f"{source}: key {key!r} " + (
+                    "has no lora_magnitude_vector beside it, but the config has use_dora=true; a DoRA adapter "
+                    "needs one per module." if settings.use_dora else
+                    "is a DoRA magnitude vector, but the config has use_dora=false.")
+            )
         adapter[module] = {k: jnp.asarray(v, dtype) for k, v in entry.items()}
         if is_stacked:
             stacked.append(module)
+        if is_conv:
+            convs.append(module)
+    token_indices = _token_indices(settings, token_rows, index, source)
+    for module, rows in token_rows.items():
+        adapter[module] = {tables.TOKENS: jnp.asarray(rows.value, dtype)}
 
     updates, saved = {}, []
     for (module, torch_leaf), layers in full.items():
         path, value = _full_update(module, torch_leaf, layers, index, in_axes, source)
-        updates[path] = value
-        if settings.modules_to_save and in_modules(settings.modules_to_save, next(iter(layers.values())).torch_module):
+        torch_module = next(iter(layers.values())).torch_module
+        if settings.modules_to_save and in_modules(settings.modules_to_save, torch_module):
             saved.append(module)
+            if torch_leaf == "weight" and "embedding" in index.leaves_of[module] and not settings.ensure_weight_tying:
+                # PEFT's default: the trained table is the lookup's copy; the frozen one stays for a tied head.
+                adapter[module] = {tables.TABLE: jnp.asarray(value, dtype)}
+                continue
+        updates[path] = value
     new_params = jax.tree_util.tree_map_with_path(lambda p, x: updates.get(p, x), params)
 
     kernel_modules = list(dict.fromkeys(m for (m, n) in index.leaves if n in kernel_names))
+    lora_adapter = {m: adapter[m] for m in (*wrapped, *factors)}
     try:
         config = lora_config_for_file(settings, kernel_modules, ranks, alphas, num_ins, stacked, saved,
-                                      kernel_names)
+                                      kernel_names, convs, token_indices)
     except ValueError as err:
         raise PeftFormatError(f"{source}: its settings do not form a valid LoraConfig: {err}") from None
-    targets = find_targets(config, new_params, adapter)
-    check_adapter(targets, adapter)
+    targets = find_targets(config, new_params, lora_adapter)
+    check_adapter(targets, lora_adapter)
     for module, target in targets.items():  # guards the exact patterns built above
         want = alphas[module] / (math.sqrt(ranks[module]) if settings.use_rslora else ranks[module])
         if not math.isclose(target.scaling, want, rel_tol=1e-9):
@@ -411,6 +556,11 @@ def from_peft(
                 f"lora_jax bug: the config built for {source} gives {module} scaling {target.scaling}, "
                 f"not the file's {want}. Please report it."
             )
+    tables.check_tables(tables.table_targets(config, new_params, targets),
+                        {m: e for m, e in adapter.items() if m not in lora_adapter})
+    if config.changes_base:
+        # PEFT re-runs PiSSA / OLoRA on the original base before loading A and B: so do we.
+        _, new_params = init_with_base(config, new_params, jax.random.key(0), dtype)
     return LoadedPeft(adapter, config, new_params)
 
 
