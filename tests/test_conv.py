@@ -163,7 +163,7 @@ def test_conv_lora_step_flops_within_5_percent_of_the_frozen_floor():
     model, x_shape = FlaxNet(width=128), (8, 32, 32, 3)
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
     params = jax.eval_shape(model.init, jax.random.key(0), x)
-    config = lora_jax.LoraConfig(r=2, target_modules=["conv2", "conv3"])
+    config = lora_jax.LoraConfig(r=2, target_modules=CONVS)  # every conv: LoRA/floor is 1.028 here
     adapter = jax.eval_shape(lambda: lora_jax.init(config, params, jax.random.key(1)))
     apply = lora_jax.lora(model.apply, config)
 
@@ -176,7 +176,7 @@ def test_conv_lora_step_flops_within_5_percent_of_the_frozen_floor():
     floor = flops.compile_step(jax.grad(lambda x, p: loss(model.apply(p, x))), (x, params))
     full = flops.compile_step(jax.grad(lambda p, x: loss(model.apply(p, x))), (params, x))
     ratio = lora_step.cost_analysis()["flops"] / floor.cost_analysis()["flops"]
-    assert ratio <= 1.05, ratio
+    assert 0.9 <= ratio <= 1.05, ratio
     # XLA writes a conv's weight gradient in any axis order, e.g. (in, kh, kw, out)
     shapes = flops.kernel_shapes(config, params, adapter) | {
         p for t in lora_jax.find_targets(config, params, adapter).values() for p in itertools.permutations(t.shape)}
