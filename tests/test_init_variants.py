@@ -397,11 +397,12 @@ def test_loftq_says_it_needs_the_nf4_quantizer():
                                 jax.random.key(0))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("use_dora", True, "DoRA"),
-    ("trainable_token_indices", [1, 2], "trainable_token_indices"),
-])
-def test_variants_of_phase_two_are_refused_by_init_rather_than_ignored(field, value, match):
-    config = LoraConfig(r=2, target_modules=["w"], **{field: value})
-    with pytest.raises(NotImplementedError, match=match):
-        lora_jax.init(config, {"params": {"w": {"kernel": np.eye(4, dtype=np.float32)}}}, jax.random.key(0))
+def test_variants_of_phase_two_are_honoured_by_init_rather_than_ignored():
+    # Phase 2 implemented them (tests/test_dora.py, tests/test_trainable_tokens.py): init creates their
+    # entries, or says why it cannot.
+    params = {"params": {"w": {"kernel": np.eye(4, dtype=np.float32)}}}
+    adapter = lora_jax.init(LoraConfig(r=2, target_modules=["w"], use_dora=True), params, jax.random.key(0))
+    np.testing.assert_allclose(adapter["w"]["lora_magnitude"], np.ones(4))
+    with pytest.raises(ValueError, match="trainable_token_indices"):
+        lora_jax.init(LoraConfig(r=2, target_modules=["w"], trainable_token_indices=[1, 2]), params,
+                      jax.random.key(0))

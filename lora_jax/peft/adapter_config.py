@@ -302,28 +302,8 @@ class AdapterSettings:
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
 
-def read_settings(peft_config: Any, source: str) -> AdapterSettings:
-    """Check a parsed ``adapter_config.json`` and return the settings lora_jax loads by.
-
-    Example:
-        >>> from lora_jax.peft.adapter_config import read_settings
-        >>> read_settings({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, "cfg").lora_alpha
-        16
-        >>> read_settings({"peft_type": "LORA", "r": "eight"}, "cfg")
-        Traceback (most recent call last):
-        ...
-        lora_jax.peft.errors.PeftFormatError: cfg: "r" is "eight" (a string); expected a positive integer such as 8.
-
-    Args:
-        peft_config: the JSON value of the file (an object, i.e. a dict).
-        source: names the file in error messages.
-
-    Returns:
-        :class:`AdapterSettings`. Raises :class:`PeftFormatError` for a value
-        that is not a dict, a missing or non-LORA ``peft_type``, a known key
-        of the wrong type, and settings lora_jax cannot represent exactly.
-        Unknown keys are ignored.
-    """
+def _check_fields(peft_config: Any, source: str) -> None:
+    """A LORA config whose known keys have the right types and no unsupported setting, or an error."""
     if not isinstance(peft_config, Mapping):
         raise PeftFormatError(
             f"{source}: expected a JSON object of PEFT settings (keys such as \"peft_type\", \"r\"), "
@@ -347,6 +327,63 @@ def read_settings(peft_config: Any, source: str) -> AdapterSettings:
     for key, why in _UNSUPPORTED_SETTINGS.items():
         if peft_config.get(key):
             raise PeftFormatError(f"{source}: {why} ({key}={peft_config[key]!r}).")
+
+
+# The LoraConfig fields that adapter_config.json carries, under the same names.
+PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
+               "rank_pattern", "alpha_pattern", "init_lora_weights", "bias", "modules_to_save",
+               "layers_to_transform", "layers_pattern", "fan_in_fan_out", "use_dora", "loftq_config",
+               "trainable_token_indices", "ensure_weight_tying")
+
+
+def lora_config_from_peft(peft_config: Mapping[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+    """The :class:`LoraConfig` an ``adapter_config.json`` describes, field by field (no params needed).
+
+    Example:
+        >>> from lora_jax.peft.adapter_config import lora_config_from_peft
+        >>> config = lora_config_from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True,
+        ...                                 "target_modules": ["v_proj", "q_proj"]})
+        >>> config.r, config.use_dora, config.target_modules
+        (4, True, ('v_proj', 'q_proj'))
+
+    Every field of :data:`PEFT_FIELDS` is read with PEFT's default where the file has
+    none; keys lora_jax does not know are ignored, and settings it cannot represent
+    (``lora_bias``, ...) are refused with :class:`PeftFormatError`, as is a value
+    :class:`LoraConfig` rejects. :func:`load_peft` builds its config from the tensors
+    instead (exact module names for the given params); this reads the settings alone.
+    """
+    _check_fields(peft_config, source)
+    fields = {name: peft_config[name] for name in PEFT_FIELDS
+              if name in peft_config and peft_config[name] is not None}
+    try:
+        return LoraConfig(**fields)
+    except ValueError as err:
+        raise PeftFormatError(f"{source}: its settings do not form a valid LoraConfig: {err}") from None
+
+
+def read_settings(peft_config: Any, source: str) -> AdapterSettings:
+    """Check a parsed ``adapter_config.json`` and return the settings lora_jax loads by.
+
+    Example:
+        >>> from lora_jax.peft.adapter_config import read_settings
+        >>> read_settings({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, "cfg").lora_alpha
+        16
+        >>> read_settings({"peft_type": "LORA", "r": "eight"}, "cfg")
+        Traceback (most recent call last):
+        ...
+        lora_jax.peft.errors.PeftFormatError: cfg: "r" is "eight" (a string); expected a positive integer such as 8.
+
+    Args:
+        peft_config: the JSON value of the file (an object, i.e. a dict).
+        source: names the file in error messages.
+
+    Returns:
+        :class:`AdapterSettings`. Raises :class:`PeftFormatError` for a value
+        that is not a dict, a missing or non-LORA ``peft_type``, a known key
+        of the wrong type, and settings lora_jax cannot represent exactly.
+        Unknown keys are ignored.
+    """
+    _check_fields(peft_config, source)
     init = peft_config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() in RECOMPUTED_INITS:
         init = init.lower()
