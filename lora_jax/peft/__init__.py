@@ -28,7 +28,7 @@ a named adapter lives in a sub-folder. One job per module:
   lora_jax cannot read, naming the file and the key.
 """
 
-from lora_jax.peft.adapter_config import PEFT_FORMAT_VERSION, TASK_TYPES
+from lora_jax.peft.adapter_config import PEFT_FORMAT_VERSION, TASK_TYPES, lora_config_from_peft
 from lora_jax.peft.errors import PeftFormatError
 from lora_jax.peft.export import save_peft, to_peft
 from lora_jax.peft.files import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
@@ -49,6 +49,7 @@ __all__ = [
     "PeftFormatError",
     "from_peft",
     "load_peft",
+    "lora_config_from_peft",
     "save_peft",
     "to_peft",
 ]

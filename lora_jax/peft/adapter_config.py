@@ -5,10 +5,11 @@ writes, with the config's own patterns where PEFT reads them the same on the
 torch paths, otherwise exact module paths.
 
 Reading: :func:`read_settings` checks the type of every key lora_jax or PEFT
-relies on, refuses settings lora_jax does not implement (DoRA, ``lora_bias``,
-base-modifying inits, ...), and ignores unknown keys (newer PEFT versions add
-some). :func:`lora_config_for_file` builds the ``LoraConfig`` that selects
-exactly the modules of a file.
+relies on, refuses settings lora_jax does not implement (``lora_bias``,
+base-modifying inits it cannot recompute, ...), and ignores unknown keys (newer
+PEFT versions add some). :func:`lora_config_for_file` builds the ``LoraConfig``
+that selects exactly the modules of a file; :func:`lora_config_from_peft` reads
+the settings alone, field by field.
 """
 
 from __future__ import annotations

@@ -616,13 +616,25 @@ def load_peft(
         ``config.modules_to_save`` / ``config.bias`` keep them trainable
         under ``trainable_mask``.
 
+    Variants load as PEFT defines them: DoRA magnitudes (``lora_magnitude``),
+    conv LoRA (lora_A ``(r, in, *window)``), trainable tokens (entries
+    ``{"trainable_tokens": rows}``), a ``modules_to_save`` embedding table under
+    ``ensure_weight_tying=False`` as the adapter's trained copy (``{"embedding":
+    table}``, the frozen table stays in ``.params`` for a tied head). With
+    ``ensure_weight_tying=True`` the tied head's keys PEFT writes (``lm_head.*``)
+    are checked to mirror the embedding and dropped when the params' head is the
+    table itself. A PiSSA / OLoRA file (``init_lora_weights`` "pissa" / "olora")
+    is loaded as PEFT loads it: the decomposition is re-run on the given
+    (original) params, and ``.params`` holds the residual kernels.
+
     Raises :class:`PeftFormatError` (a ``ValueError``) naming the file and
     key for an unreadable file (truncated or foreign safetensors, a blocked
     pickle, ``adapter_config.json`` that is not a JSON object or holds a
     value of the wrong type), tensors that are not finite floating-point
     matrices, and what cannot be represented exactly: peft_type other than
-    LORA, DoRA, ``lora_bias``, trainable tokens, base-modifying inits (PiSSA,
-    OLoRA, ...). ``ValueError`` for tensors whose shape does not fit the
+    LORA, ``lora_bias``, base-modifying inits other than PiSSA / OLoRA
+    (``pissa_niter_<k>``, LoftQ, ...), a tied-head key that does not mirror
+    the embedding. ``ValueError`` for tensors whose shape does not fit the
     kernel, modules the params lack, or stacked layers with missing layers.
     Keys that still carry an adapter name (``.lora_A.default.weight``) are
     accepted with a warning and the name is stripped. Unknown
