@@ -114,3 +114,16 @@ def test_initial_adapter_is_only_for_base_changing_inits(llama_dir, tmp_path):
     with pytest.raises(ValueError, match="initial_adapter converts an adapter trained on a rewritten base"):
         lora_jax.save_peft(tmp_path, adapter, config, model.params, initial_adapter=adapter)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_an_olora_file_for_a_fan_in_fan_out_model_is_refused():
+    # PEFT 0.21's OLoRA ignores fan_in_fan_out, so the base it rebuilds is not lora_jax's.
+    params = {"h": {"c_attn": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(6, 9)), jnp.float32)}}}
+    tensors = {"base_model.model.h.c_attn.lora_A.weight": np.zeros((2, 6), np.float32),
+               "base_model.model.h.c_attn.lora_B.weight": np.zeros((9, 2), np.float32)}
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "init_lora_weights": "olora", "fan_in_fan_out": True}
+    with pytest.raises(ValueError, match="olora.*fan_in_fan_out.*path_initial_model_for_weight_conversion"):
+        lora_jax.from_peft(tensors, config, params)
+    loaded = lora_jax.from_peft(tensors, dict(config, fan_in_fan_out=False), params)  # an (in, out) kernel is fine
+    np.testing.assert_allclose(loaded.params["h"]["c_attn"]["kernel"] + 0.0, np.asarray(
+        lora_jax.init_with_base(loaded.config, params, jax.random.key(0))[1]["h"]["c_attn"]["kernel"]))

@@ -182,3 +182,14 @@ def test_conv_lora_step_flops_within_5_percent_of_the_frozen_floor():
         p for t in lora_jax.find_targets(config, params, adapter).values() for p in itertools.permutations(t.shape)}
     assert flops.kernel_shaped_dots(full.as_text(), shapes)  # the detector sees full fine-tuning's dW
     assert not flops.kernel_shaped_dots(lora_step.as_text(), shapes)
+
+
+def test_a_conv_in_modules_to_save_round_trips_in_torch_layout(tmp_path):
+    theirs = trained_peft(peft.LoraConfig(r=2, target_modules=["conv1", "conv2"], modules_to_save=["conv3"]))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    params = mirror(torch_net())
+    adapter, config = loaded = lora_jax.load_peft(tmp_path / "theirs", params)
+    np.testing.assert_allclose(lora_out(loaded.params, adapter, config), torch_out(theirs), atol=1e-4, rtol=1e-4)
+    lora_jax.save_peft(tmp_path / "ours", adapter, config, loaded.params)
+    again = peft.PeftModel.from_pretrained(torch_net(), str(tmp_path / "ours")).eval()
+    np.testing.assert_allclose(torch_out(again), torch_out(theirs), atol=1e-5)

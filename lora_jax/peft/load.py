@@ -357,6 +357,8 @@ def _full_update(
         if leaf_name == "kernel" and value.ndim == 2:  # torch (out, in) -> Flax (in..., out...)
             num_in = _split_dims(body, value.shape[1], value.shape[0], _forced_in_axes(in_axes, module))
             value = value.T if num_in is None else value.T.reshape(body)
+        elif leaf_name == "kernel" and value.ndim >= 3:  # a torch conv (out, in, *window) -> (*window, in, out)
+            value = value.transpose(tuple(range(2, value.ndim)) + (1, 0))
         elif leaf_name == "bias" and value.ndim == 1 and value.size == math.prod(body):
             value = value.reshape(body)
         if tuple(value.shape) != body:
@@ -559,6 +561,13 @@ def from_peft(
     tables.check_tables(tables.table_targets(config, new_params, targets),
                         {m: e for m, e in adapter.items() if m not in lora_adapter})
     if config.changes_base:
+        if config.init_lora_weights == "olora" and settings.fan_in_fan_out:
+            raise PeftFormatError(
+                f"{source}: init_lora_weights='olora' with fan_in_fan_out=true: PEFT 0.21 decomposes a GPT-2 "
+                "Conv1D weight without transposing it, so the base it rebuilds on load is not the one lora_jax "
+                "would compute. Convert the adapter in PEFT (save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...)) and load that."
+            )
         # PEFT re-runs PiSSA / OLoRA on the original base before loading A and B: so do we.
         _, new_params = init_with_base(config, new_params, jax.random.key(0), dtype)
     return LoadedPeft(adapter, config, new_params)
