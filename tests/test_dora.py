@@ -192,3 +192,11 @@ def test_dora_step_has_no_kernel_shaped_dot_and_costs_within_10_percent_of_lora(
     assert row["dora_kernel_shaped_dots"] == 0
     assert row["dora_over_lora"] <= 1.10, row
     assert row["naive_over_dora"] >= 1.2, row  # the dense form costs a weight-sized gradient more
+
+
+@pytest.mark.slow  # compiles 12 small steps
+def test_dora_flops_benchmark_smoke(tmp_path):
+    out = tmp_path / "dora_flops.json"
+    rows = dora_flops.main(["--smoke", "--out", str(out)])
+    assert out.exists() and {r["model"] for r in rows} == {"mlp", "transformer", "scanned"}
+    assert all(r["dora_kernel_shaped_dots"] == 0 for r in rows)
