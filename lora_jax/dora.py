@@ -63,7 +63,15 @@ def rescale(kernel: jax.Array, magnitude: jax.Array, num_lead: int, num_in: int,
 
 
 def magnitude_shape(target: Target) -> tuple[int, ...]:
-    """``lead + out_shape``: one magnitude per output feature (per stacked layer)."""
+    """``lead + out_shape``: one magnitude per output feature (per stacked layer).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, find_targets
+        >>> params = {"o": {"kernel": jnp.zeros((2, 4, 8)), "bias": jnp.zeros(8)}}   # (heads, head_dim, d)
+        >>> magnitude_shape(find_targets(LoraConfig(r=2, target_modules=["o"]), params)["o"])
+        (8,)
+    """
     return target.lead_shape + target.out_shape
 
 
@@ -104,7 +112,20 @@ def check_magnitudes(targets: dict[str, Target], adapter: Adapter, use_dora: boo
 
 
 def kernel_values(target: Target, kernel: Any, why: str) -> jax.Array:
-    """The values of a targeted kernel (dequantized), or a ``ValueError`` saying ``why`` they are needed."""
+    """The values of a targeted kernel (dequantized), or a ``ValueError`` saying ``why`` they are needed.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, find_targets
+        >>> params = {"q": {"kernel": jnp.ones((4, 3))}}
+        >>> target = find_targets(LoraConfig(r=1, target_modules=["q"]), params)["q"]
+        >>> kernel_values(target, params["q"]["kernel"], "DoRA").shape
+        (4, 3)
+        >>> kernel_values(target, jax.ShapeDtypeStruct((4, 3), jnp.float32), "DoRA")
+        Traceback (most recent call last):
+        ...
+        ValueError: DoRA needs the values of kernel q.kernel; got ShapeDtypeStruct. Pass the params themselves (under jax.eval_shape, pass them as an argument of the traced function).
+    """
     if isinstance(kernel, jax.ShapeDtypeStruct) or not hasattr(kernel, "dtype"):
         raise ValueError(
             f"{why} needs the values of kernel {target.module_name}.{target.leaf_name}; got "

@@ -45,6 +45,11 @@ class TableTarget:
     ``token_axis`` is the leaf's axis indexed by token id: 0 for an embedding table
     ``(vocab, dim)``, the last for a Dense kernel ``(dim, vocab)`` (an untied LM head).
     ``indices`` are the trainable tokens, or None for a trained copy of the whole table.
+
+    Example:
+        >>> t = TableTarget("lm_head", (), "kernel", (4, 10), token_axis=1, indices=(2, 5))
+        >>> t.key, t.entry_shape
+        ('trainable_tokens', (2, 4))
     """
 
     module_name: str
@@ -194,7 +199,17 @@ def _in_saved(saved: Any, module: str) -> bool:
 
 def table_targets(config: LoraConfig, params: Any, lora_targets: dict[str, Target] | None = None
                   ) -> dict[str, TableTarget]:
-    """Every table an adapter entry replaces rows of: :func:`token_targets` and :func:`copy_targets`."""
+    """Every table an adapter entry replaces rows of: :func:`token_targets` and :func:`copy_targets`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax import LoraConfig
+        >>> params = {"wte": {"embedding": jnp.zeros((10, 4))}, "wpe": {"embedding": jnp.zeros((6, 4))},
+        ...           "q": {"kernel": jnp.zeros((4, 4))}}
+        >>> config = LoraConfig(target_modules=["q"], modules_to_save=["wpe"], trainable_token_indices=[1])
+        >>> {name: t.key for name, t in table_targets(config, params).items()}
+        {'wpe': 'embedding', 'wte': 'trainable_tokens'}
+    """
     return {**copy_targets(config, params), **token_targets(config, params, lora_targets)}
 
 
@@ -251,7 +266,18 @@ def _is_table_entry(entry: Any) -> bool:
 
 
 def check_tables(tables: dict[str, TableTarget], entries: Adapter) -> None:
-    """Raise ``ValueError`` unless ``entries`` hold exactly the tables' entries, each of the right shape."""
+    """Raise ``ValueError`` unless ``entries`` hold exactly the tables' entries, each of the right shape.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax import LoraConfig
+        >>> params = {"embed_tokens": {"embedding": jnp.zeros((10, 4))}, "q": {"kernel": jnp.zeros((4, 4))}}
+        >>> tables = token_targets(LoraConfig(target_modules=["q"], trainable_token_indices=[1, 2]), params)
+        >>> check_tables(tables, {"embed_tokens": {"trainable_tokens": jnp.zeros((3, 4))}})
+        Traceback (most recent call last):
+        ...
+        ValueError: adapter['embed_tokens']['trainable_tokens'] has shape (3, 4); embed_tokens.embedding of shape (10, 4) needs (2, 4).
+    """
     missing = sorted(set(tables) - set(entries))
     extra = sorted(set(entries) - set(tables))
     if missing:

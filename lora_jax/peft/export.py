@@ -57,7 +57,16 @@ TIED_HEAD = "lm_head"
 
 def is_conv(config: LoraConfig, target: Target) -> bool:
     """Whether ``target`` is written as PEFT's ``nn.Conv*d`` LoRA: a ``conv_modules`` kernel, or a
-    4-D / 5-D kernel split after all axes but the last (Flax's ``nn.Conv`` HWIO / DHWIO)."""
+    4-D / 5-D kernel split after all axes but the last (Flax's ``nn.Conv`` HWIO / DHWIO).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, find_targets
+        >>> params = {"conv": {"kernel": jnp.zeros((3, 3, 4, 8)), "bias": jnp.zeros(8)}}
+        >>> config = LoraConfig(r=2, target_modules=["conv"])
+        >>> is_conv(config, find_targets(config, params)["conv"])
+        True
+    """
     body = len(target.shape) - target.num_lead
     if target.is_embedding:
         return False
