@@ -19,6 +19,7 @@ import numpy as np
 from lora_jax import decompose, dora, tables
 from lora_jax.config import LoraConfig
 from lora_jax.merge import lora_delta
+from lora_jax.quantize import is_quantized
 from lora_jax.tree import Adapter, Target, find_targets, warn_guessed_splits
 
 
@@ -179,7 +180,7 @@ def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
 def _target_leaves(targets: dict[str, Target], params: Any) -> list[tuple[Target, Any]]:
     by_path = {t.path: t for t in targets.values()}
     found = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         if path in by_path:
             found.append((by_path[path], leaf))
     return found

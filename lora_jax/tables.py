@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.config import LoraConfig, matches
+from lora_jax.quantize import is_quantized
 from lora_jax.tree import Adapter, KeyPath, Target, named_leaves
 
 TOKENS = "trainable_tokens"
@@ -226,10 +227,12 @@ def initial_entries(tables: dict[str, TableTarget], params: Any, dtype: Any) -> 
     """
     by_path = {t.path: t for t in tables.values()}
     out: Adapter = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         target = by_path.get(path)
         if target is None:
             continue
+        if is_quantized(leaf):
+            leaf = leaf.dequantize()
         if isinstance(leaf, jax.ShapeDtypeStruct) or not hasattr(leaf, "dtype"):
             raise ValueError(
                 f"init needs the values of {target.module_name}.{target.leaf_name} to start its "

@@ -200,3 +200,21 @@ def test_dora_flops_benchmark_smoke(tmp_path):
     rows = dora_flops.main(["--smoke", "--out", str(out)])
     assert out.exists() and {r["model"] for r in rows} == {"mlp", "transformer", "scanned"}
     assert all(r["dora_kernel_shaped_dots"] == 0 for r in rows)
+
+
+def test_dora_on_a_quantized_base_is_the_formula_on_the_dequantized_kernel():
+    from lora_jax.quantize import quantize_array
+
+    w = normal(0, (64, 32))
+    params = {"f": {"kernel": quantize_array(w, "int8")}}
+    config = lora_jax.LoraConfig(r=2, target_modules=["f"], use_dora=True, init_lora_weights=False)
+    adapter = trained(lora_jax.init(config, params, jax.random.key(0)))
+    dequantized = {"f": {"kernel": params["f"]["kernel"].dequantize()}}
+    np.testing.assert_allclose(adapter["f"]["lora_magnitude"] - 0.0, trained(  # magnitudes start from the codes
+        lora_jax.init(config, dequantized, jax.random.key(0)))["f"]["lora_magnitude"], rtol=1e-6)
+    x = normal(1, (5, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+        got = lora_jax.lora(lambda p, x: x @ p["f"]["kernel"], config)(params, adapter, x)
+    want = x @ dense_dora(dequantized, adapter, config)["f"]["kernel"]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
