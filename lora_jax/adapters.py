@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import Adapter, Target, check_adapter, find_targets
+from lora_jax.tables import fit_adapter
+from lora_jax.tree import Adapter, Target
 
 AdapterPair = tuple[Adapter, LoraConfig]
 AdapterSet = dict[str, AdapterPair]
@@ -108,8 +109,7 @@ def check_adapters(adapters: Mapping[str, AdapterPair], params: Any) -> dict[str
     for name, value in adapters.items():
         adapter, config = adapter_pair(value, name)
         try:
-            targets = find_targets(config, params)
-            check_adapter(targets, adapter)
+            targets = fit_adapter(config, params, adapter).targets
         except ValueError as err:
             raise ValueError(
                 f"Adapter {name!r} does not fit these params (an adapter for another base model?): {err}"

@@ -321,3 +321,40 @@ def with_rows(table: Any, rows: jax.Array, indices: tuple[int, ...] | None, toke
     if token_axis == 0:
         return table.at[index].set(rows)
     return table.at[:, index].set(rows.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFit:
+    """What an adapter holds for a params tree, checked: its LoRA targets and entries, and
+    its table entries (trainable tokens, table copies) with their tables."""
+
+    targets: dict[str, Target]
+    lora_part: Adapter
+    table_part: Adapter
+    tables: dict[str, TableTarget]
+
+
+def fit_adapter(config: LoraConfig, params: Any, adapter: Adapter) -> AdapterFit:
+    """Check ``adapter`` against ``params`` and ``config`` (LoRA shapes, DoRA magnitudes,
+    table rows), raising ``ValueError`` naming the module that does not fit.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax import LoraConfig, init
+        >>> params = {"embed_tokens": {"embedding": jnp.zeros((10, 4))}, "q": {"kernel": jnp.zeros((4, 4))}}
+        >>> config = LoraConfig(r=2, target_modules=["q"], trainable_token_indices=[1, 2])
+        >>> fit = fit_adapter(config, params, init(config, params, jax.random.key(0)))
+        >>> list(fit.targets), list(fit.tables)
+        (['q'], ['embed_tokens'])
+    """
+    from lora_jax import dora
+    from lora_jax.tree import check_adapter, find_targets
+
+    lora_part, table_part = split_adapter(adapter, ())
+    targets = find_targets(config, params, lora_part)
+    check_adapter(targets, lora_part)
+    dora.check_magnitudes(targets, lora_part, config.use_dora)
+    found = table_targets(config, params, targets)
+    check_tables(found, table_part)
+    return AdapterFit(targets, lora_part, table_part, found)
+

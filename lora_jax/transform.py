@@ -210,12 +210,8 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
     def apply(params: Any, adapter: Adapter, *args: Any, lora_rng: jax.Array | None = None,
               adapter_ids: Any = None, **kwargs: Any) -> Any:
         if adapter_ids is None:
-            lora_part, table_part = tables.split_adapter(adapter, ())
-            targets = find_targets(config, params, lora_part)
-            check_adapter(targets, lora_part)
-            dora.check_magnitudes(targets, lora_part, config.use_dora)
-            table_targets = tables.table_targets(config, params, targets)
-            tables.check_tables(table_targets, table_part)
+            fit = tables.fit_adapter(config, params, adapter)
+            targets, lora_part, table_part, table_targets = fit.targets, fit.lora_part, fit.table_part, fit.tables
             slots = None
         else:
             if config.use_dora or config.trainable_token_indices is not None or tables.copy_targets(config, params):
@@ -227,7 +223,6 @@ def lora(apply_fn: Callable[..., Any], config: LoraConfig) -> Callable[..., Any]
         by_path = {t.path: t for t in targets.values()}
         tables_by_path = {t.path: t for t in table_targets.values()}
         closed, out_tree, paths_leaves, traced_leaves = _trace(apply_fn, params, args, kwargs)
-
 
         use_dropout = lora_rng is not None and config.lora_dropout > 0
         invals = []

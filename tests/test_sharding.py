@@ -337,3 +337,19 @@ def test_sharding_memory_benchmark_smoke(tmp_path):
     assert args[("fsdp", "lora")] < args[("dp", "lora")] / 4  # params split 8 ways
     assert args[("fsdp", "full")] < args[("dp", "full")] / 4
     assert args[("dp", "lora")] < args[("dp", "full")]      # no optimizer state for W
+
+
+def test_adapter_shardings_cover_dora_magnitudes_token_rows_and_table_copies():
+    mesh = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    params = {"embed_tokens": {"embedding": np.zeros((64, 16), np.float32)},
+              "q_proj": {"kernel": np.ones((16, 64), np.float32)}, "wpe": {"embedding": np.zeros((8, 16), np.float32)}}
+    config = lora_jax.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, trainable_token_indices=[1, 2],
+                                 modules_to_save=["wpe"])
+    specs = sharding.param_specs(params, mesh, "tp", config=config)
+    out = sharding.adapter_shardings(config, params, specs)
+    adapter = lora_jax.init(config, params, jax.random.key(0))
+    # one spec per adapter leaf, of the leaf's rank
+    assert jax.tree.structure(out, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(adapter)
+    assert out["q_proj"]["lora_magnitude"] == P("model")            # as the kernel's output axis
+    assert out["wpe"]["embedding"] == specs["wpe"]["embedding"]      # the copy is laid out as the table
+    assert out["embed_tokens"]["trainable_tokens"] == P()            # a few rows: replicated

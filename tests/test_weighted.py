@@ -594,3 +594,13 @@ def test_named_adapters_take_load_peft_pairs_and_name_the_misfit(adapters, param
         lora_jax.check_adapters(named, smaller)
     with pytest.raises(TypeError, match=r"adapters\['one'\]: the adapter must be a dict"):
         lora_jax.check_adapters({"one": (list(adapter.values()), config)}, params)
+
+
+def test_check_adapters_accepts_dora_token_and_converted_adapters():
+    params = {"embed_tokens": {"embedding": jnp.ones((10, 4))}, "q": {"kernel": jnp.ones((4, 4))}}
+    dora = lora_jax.LoraConfig(r=2, target_modules=["q"], use_dora=True, trainable_token_indices=[1, 3])
+    adapter = lora_jax.init(dora, params, jax.random.key(0))
+    assert list(lora_jax.check_adapters({"d": (adapter, dora)}, params)["d"]) == ["q"]
+    broken = {**adapter, "embed_tokens": {"trainable_tokens": jnp.ones((3, 4))}}  # 3 rows for 2 token ids
+    with pytest.raises(ValueError, match="Adapter 'd' does not fit these params"):
+        lora_jax.check_adapters({"d": (broken, dora)}, params)

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
+from lora_jax import tables
 from lora_jax.config import LoraConfig
+from lora_jax.dora import MAGNITUDE
 from lora_jax.init import init
 from lora_jax.tree import Adapter, find_targets, named_leaves
 
@@ -338,12 +340,18 @@ def adapter_shardings(config: LoraConfig, params: Any, params_shardings: Any = N
                 "pytree like params (e.g. from param_shardings), or params must hold sharded arrays."
             )
         out[name] = _split_kernel_sharding(by_path[target.path], target.num_lead, target.num_in,
-                                           len(target.shape), name)
+                                           len(target.shape), name, dora=config.use_dora)
+    for name, table in tables.table_targets(config, params, targets).items():
+        sharding = by_path.get(table.path)
+        if table.key == tables.TABLE and sharding is not None:  # a trainable copy: laid out as the table
+            out[name] = {table.key: sharding}
+        else:  # a few trainable rows: small, replicated
+            out[name] = {table.key: _replicated_like([sharding])}
     return out
 
 
 def _split_kernel_sharding(sharding: Any, num_lead: int, num_in: int, ndim: int,
-                           name: str) -> dict[str, Any]:
+                           name: str, dora: bool = False) -> dict[str, Any]:
     if isinstance(sharding, PartitionSpec):
         spec, wrap = sharding, (lambda s: s)
     elif isinstance(sharding, NamedSharding):
@@ -352,8 +360,8 @@ def _split_kernel_sharding(sharding: Any, num_lead: int, num_in: int, ndim: int,
 
         def wrap(s: PartitionSpec) -> NamedSharding:
             return NamedSharding(mesh, s, memory_kind=kind)
-    elif isinstance(sharding, Sharding) and sharding.is_fully_replicated:
-        return {"lora_A": sharding, "lora_B": sharding}  # e.g. one device
+    elif isinstance(sharding, Sharding) and sharding.is_fully_replicated:  # e.g. one device
+        return {"lora_A": sharding, "lora_B": sharding, **({MAGNITUDE: sharding} if dora else {})}
     else:
         raise TypeError(
             f"Kernel {name} has sharding {sharding!r}; adapter_shardings needs a PartitionSpec, "
@@ -363,8 +371,10 @@ def _split_kernel_sharding(sharding: Any, num_lead: int, num_in: int, ndim: int,
     lead = entries[:num_lead]
     ins = entries[num_lead : num_lead + num_in]
     outs = entries[num_lead + num_in :]
-    return {"lora_A": wrap(PartitionSpec(*lead, *ins, None)),
-            "lora_B": wrap(PartitionSpec(*lead, None, *outs))}
+    out = {"lora_A": wrap(PartitionSpec(*lead, *ins, None)), "lora_B": wrap(PartitionSpec(*lead, None, *outs))}
+    if dora:  # one magnitude per output feature: laid out as the kernel's output axes
+        out[MAGNITUDE] = wrap(PartitionSpec(*lead, *outs))
+    return out
 
 
 def _key_names(path: tuple[Any, ...]) -> tuple[str, ...]:
