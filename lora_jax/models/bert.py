@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from .blocks import AttentionConfig, ConfigModule, SelfAttention, layer_stack
 from .errors import ModelLoadError, UnsupportedModelError
 from .family import BuildSettings, ConfigReader, ModelFamily
-from .layers import activation, make_attention_mask
+from .layers import activation, causal_mask
 
 MODEL_TYPES = ("bert",)
 
@@ -307,7 +307,7 @@ class BertModel(ConfigModule):
         if positions is None:
             positions = jnp.broadcast_to(slots[None], (batch, seq))
         x = BertEmbeddings(cfg, name="embeddings", **self.kw)(input_ids, token_type_ids, positions)
-        mask = make_attention_mask(slots, slots, attention_mask, causal=False)
+        mask = causal_mask(attention_mask, causal=False)
         x = _BertEncoder(cfg, name="encoder", **self.kw)(x, mask)
         pooled = _BertPooler(cfg, name="pooler", **self.kw)(x) if cfg.add_pooling_layer else None
         return BertModelOutput(x, pooled)

@@ -32,6 +32,7 @@ from .family import BuildSettings, ConfigReader, ModelFamily
 from .layers import (
     Dtype,
     attend,
+    causal_mask,
     empty_kv_cache,
     make_attention_mask,
     next_cache,
@@ -209,7 +210,10 @@ class GPT2Model(ConfigModule):
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         query_slots, key_slots, positions = slots_and_positions(input_ids, positions, cache)
         x = self.wte(input_ids) + self.wpe(positions)
-        mask = make_attention_mask(query_slots, key_slots, attention_mask)
+        if cache is None:
+            mask = causal_mask(attention_mask)
+        else:
+            mask = make_attention_mask(query_slots, key_slots, attention_mask)
         index, layer_caches = split_cache(cache)
         x, new_layers = self.h(x, layer_caches, mask, index)
         return self.ln_f(x), next_cache(cache, new_layers, input_ids.shape[1])

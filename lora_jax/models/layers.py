@@ -10,6 +10,7 @@ cache. That keeps the models friendly to jaxpr-level transforms such as LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from .errors import UnsupportedModelError
 Dtype = Any
 
 # A large negative number rather than -inf: a fully masked row (a padding query)
-# then softmaxes to a uniform distribution instead of NaN.
+# then softmaxes to a uniform distribution instead of NaN (the soft-capped path).
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
@@ -260,16 +261,71 @@ def make_attention_mask(
     return mask
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see, in the structured form ``jax.nn.dot_product_attention``
+    takes: a causal flag and a sliding window (static), plus the keys' padding.
+
+    For the forward pass without a KV cache, where query ``i`` and key ``i`` are the same
+    slot; a cached call uses an explicit boolean mask from :func:`make_attention_mask`.
+    Attention built from flags lets cuDNN skip the masked blocks instead of reading a
+    mask. Use :func:`causal_mask` to build one.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import AttentionMask
+        >>> mask = AttentionMask(jnp.array([[0, 1, 1]]), causal=True, sliding_window=2)
+        >>> mask.dense(3)[0, 0].astype(int)        # the same mask as an explicit array
+        Array([[0, 0, 0],
+               [0, 1, 0],
+               [0, 1, 1]], dtype=int32)
+
+    Attributes:
+        padding: (batch, keys), 1 for real tokens and 0 for padding; or None.
+        causal: a query sees no later slot.
+        sliding_window: a query sees only the last ``sliding_window`` slots (itself
+            included), or None for no window.
+    """
+
+    padding: jax.Array | None
+    causal: bool = dataclasses.field(default=True, metadata={"static": True})
+    sliding_window: int | None = dataclasses.field(default=None, metadata={"static": True})
+
+    def dense(self, length: int) -> jax.Array:
+        """The explicit boolean mask (batch or 1, 1, length, length) of :func:`make_attention_mask`."""
+        slots = jnp.arange(length, dtype=jnp.int32)
+        return make_attention_mask(slots, slots, self.padding, causal=self.causal,
+                                   sliding_window=self.sliding_window)
+
+
+def causal_mask(padding_mask: jax.Array | None, *, sliding_window: int | None = None,
+                causal: bool = True) -> AttentionMask:
+    """The :class:`AttentionMask` of a forward pass without a KV cache.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import causal_mask
+        >>> causal_mask(jnp.ones((2, 5)), sliding_window=4).sliding_window
+        4
+    """
+    return AttentionMask(padding_mask, causal=causal, sliding_window=sliding_window)
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    mask: jax.Array | None,
+    mask: jax.Array | AttentionMask | None,
     *,
     scale: float,
     softcap: float | None = None,
 ) -> jax.Array:
-    """Softmax attention with grouped-query heads; scores and softmax in float32.
+    """Softmax attention with grouped-query heads through ``jax.nn.dot_product_attention``.
+
+    Scores and softmax are float32. Keys and values keep their own (fewer) heads: each
+    KV head serves ``heads // kv_heads`` query heads without being repeated. On a GPU with
+    bfloat16 / float16 inputs this is cuDNN's fused flash attention, elsewhere XLA's.
 
     Example:
         >>> import jax.numpy as jnp
@@ -282,15 +338,42 @@ def dot_product_attention(
     Args:
         query: (batch, q, heads, head_dim).
         key, value: (batch, k, kv_heads, head_dim); ``heads`` must be a multiple of
-            ``kv_heads`` (each KV head serves ``heads // kv_heads`` query heads).
-        mask: boolean, broadcastable to (batch, 1, q, k); True = attend.
+            ``kv_heads``.
+        mask: an :class:`AttentionMask` (no KV cache), or a boolean array broadcastable
+            to (batch, 1, q, k) with True = attend, or None (every key).
         scale: multiplier of the scores, usually ``head_dim ** -0.5``.
         softcap: if set, scaled scores pass through :func:`soft_cap` before the mask
             (Gemma 2's ``attn_logit_softcapping``).
 
     Returns:
-        (batch, q, heads * head_dim) in the dtype of ``value``.
+        (batch, q, heads * head_dim) in the dtype of ``value`` (of the promoted dtype if
+        query, key and value differ, e.g. a bfloat16 KV cache with float32 compute).
     """
+    batch, q_len, heads, head_dim = query.shape
+    dtype = jnp.result_type(query, key, value)
+    query, key, value = (t.astype(dtype) for t in (query, key, value))
+    if softcap is not None:  # jax.nn.dot_product_attention has no soft-capping
+        dense = mask.dense(key.shape[1]) if isinstance(mask, AttentionMask) else mask
+        out = _softcapped_attention(query, key, value, dense, scale, softcap)
+        return out.reshape(batch, q_len, heads * head_dim)
+    options: dict[str, Any] = {"scale": scale}
+    if isinstance(mask, AttentionMask):
+        if mask.padding is not None:
+            options["mask"] = (mask.padding != 0)[:, None, None, :]
+        options["is_causal"] = mask.causal
+        if mask.sliding_window is not None:
+            # (left, right) window: the last `sliding_window` slots, none to the right.
+            options["local_window_size"] = (mask.sliding_window - 1, 0)
+    elif mask is not None:
+        options["mask"] = mask
+    out = _fused_attention(query, key, value, options)
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
+def _softcapped_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                          scale: float, softcap: float) -> jax.Array:
+    """Grouped-query attention with soft-capped scores (float32), KV heads not repeated:
+    (batch, q, kv_heads, group, head_dim)."""
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     grouped = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
@@ -299,8 +382,41 @@ def dot_product_attention(
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, value)
-    return out.reshape(batch, q_len, heads * head_dim)
+    return jnp.einsum("bkgqt,btkd->bqkgd", probs, value)
+
+
+# cuDNN's fused attention takes half-precision inputs with these head widths.
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(query: jax.Array) -> str | None:
+    """The ``implementation`` of ``jax.nn.dot_product_attention`` for these queries.
+
+    ``"cudnn"`` (fused flash attention) on a GPU backend for bfloat16 / float16 heads of a
+    width cuDNN supports, else None (XLA's implementation; ``None`` in jax 0.10 never
+    picks cuDNN by itself).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import attention_implementation
+        >>> attention_implementation(jnp.ones((1, 2, 4, 8), jnp.float32)) is None   # never for float32
+        True
+    """
+    head_dim = query.shape[-1]
+    if jnp.dtype(query.dtype) not in _CUDNN_DTYPES or head_dim % 8 or head_dim > 128:
+        return None
+    return "cudnn" if jax.default_backend() == "gpu" else None
+
+
+def _fused_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                     options: dict[str, Any]) -> jax.Array:
+    implementation = attention_implementation(query)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn", **options)
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass  # a shape, mask or device cuDNN refuses at trace time: XLA's is exact too
+    return jax.nn.dot_product_attention(query, key, value, **options)
 
 
 def update_kv_cache(

@@ -40,6 +40,7 @@ from .layers import (
     SUPPORTED_ROPE_TYPES,
     Dtype,
     RMSNorm,
+    causal_mask,
     dense_init,
     empty_kv_cache,
     make_attention_mask,
@@ -331,10 +332,13 @@ class LlamaModel(nn.Module):
         # RoPE angles and masks once per call, shared by all layers.
         rope = rope_angles(positions, rope_inverse_frequencies(cfg.head_dim, dict(cfg.rope)))
         windows = cfg.sliding_windows or (None,) * cfg.num_hidden_layers
-        masks = {
-            w: make_attention_mask(query_slots, key_slots, attention_mask, sliding_window=w)
-            for w in set(windows)
-        }
+        if cache is None:  # flags, which fused attention kernels use to skip masked blocks
+            masks = {w: causal_mask(attention_mask, sliding_window=w) for w in set(windows)}
+        else:  # this call's tokens sit at slots index.. of the cache buffer: explicit masks
+            masks = {
+                w: make_attention_mask(query_slots, key_slots, attention_mask, sliding_window=w)
+                for w in set(windows)
+            }
         mask = masks[windows[0]] if self.scan_layers else PerLayer(masks[w] for w in windows)
         index, layer_caches = split_cache(cache)
         x, new_layers = self.layers(x, layer_caches, rope, mask, index)
