@@ -257,11 +257,12 @@ class _BertEncoder(ConfigModule):
     """``encoder.layer.<i>``: the unrolled layer stack."""
 
     config: BertConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x, mask):
         layers = layer_stack(BertLayer, self.config, self.config.num_hidden_layers, scan=False,
-                             num_args=1, name="layer", **self.kw)
+                             num_args=1, name="layer", remat=self.remat, **self.kw)
         return layers(x, None, mask)[0]
 
 
@@ -296,6 +297,7 @@ class BertModel(ConfigModule):
     """
 
     config: BertConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, positions=None):
@@ -308,7 +310,7 @@ class BertModel(ConfigModule):
             positions = jnp.broadcast_to(slots[None], (batch, seq))
         x = BertEmbeddings(cfg, name="embeddings", **self.kw)(input_ids, token_type_ids, positions)
         mask = causal_mask(attention_mask, causal=False)
-        x = _BertEncoder(cfg, name="encoder", **self.kw)(x, mask)
+        x = _BertEncoder(cfg, remat=self.remat, name="encoder", **self.kw)(x, mask)
         pooled = _BertPooler(cfg, name="pooler", **self.kw)(x) if cfg.add_pooling_layer else None
         return BertModelOutput(x, pooled)
 
@@ -330,10 +332,11 @@ class BertForSequenceClassification(ConfigModule):
     """
 
     config: BertConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, positions=None):
-        out = BertModel(self.config, name="bert", **self.kw)(
+        out = BertModel(self.config, remat=self.remat, name="bert", **self.kw)(
             input_ids, attention_mask, token_type_ids, positions
         )
         logits = self.dense(self.config.num_labels, "classifier")(out.pooler_output)
@@ -360,8 +363,10 @@ def build(config: dict[str, Any], settings: BuildSettings, *,
     if settings.scan_layers:
         raise NotImplementedError("scan_layers=True is implemented for the Llama family only")
     if settings.architecture == "BertForSequenceClassification":
-        return BertForSequenceClassification(BertConfig.from_hf(config), **settings.dtypes)
-    return BertModel(BertConfig.from_hf(config, add_pooling_layer), **settings.dtypes)
+        return BertForSequenceClassification(BertConfig.from_hf(config), remat=settings.remat,
+                                             **settings.dtypes)
+    return BertModel(BertConfig.from_hf(config, add_pooling_layer), remat=settings.remat,
+                     **settings.dtypes)
 
 
 def _architecture(model_type: str, params: Any) -> str:

@@ -13,17 +13,42 @@ A layer in a stack is called as ``layer(x, layer_cache, *args) -> (x, layer_cach
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from .layers import Dtype, RMSNorm, activation, attend, dense_init
 
 # ------------------------------------------------------------------------ base module
+
+# The name under which every projection's output is tagged for the remat policies.
+PROJECTION = "projection"
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` whose output is tagged :data:`PROJECTION` (``jax.ad_checkpoint.checkpoint_name``).
+
+    The same params and the same value as ``nn.Dense``; the tag lets the ``"dots"`` and
+    ``"offload"`` remat policies keep the projections' outputs, whatever computed them (a
+    plain dot, or LoRA's ``x@W + s(x@A)@B``, whose thin intermediate is then recomputed).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.blocks import Dense
+        >>> params = Dense(3).init(jax.random.key(0), jnp.ones((2, 4)))
+        >>> jax.make_jaxpr(lambda x: Dense(3).apply(params, x))(jnp.ones((2, 4))).eqns[-1].params
+        {'name': 'projection'}
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        return checkpoint_name(super().__call__(inputs), PROJECTION)
+
 
 
 class ConfigModule(nn.Module):
@@ -63,9 +88,9 @@ class ConfigModule(nn.Module):
         return {"dtype": self.dtype, "param_dtype": self.param_dtype}
 
     def dense(self, features: int, name: str | None, use_bias: bool = True) -> nn.Dense:
-        """A ``Dense`` with kernel init normal(0, ``config.initializer_range``) (see the
+        """A :class:`Dense` with kernel init normal(0, ``config.initializer_range``) (see the
         class example)."""
-        return nn.Dense(features, use_bias=use_bias, kernel_init=dense_init(
+        return Dense(features, use_bias=use_bias, kernel_init=dense_init(
             self.config.initializer_range), name=name, **self.kw)
 
     def layer_norm(self, eps: float, name: str | None, affine: bool = True) -> nn.LayerNorm:
@@ -256,6 +281,89 @@ class MLP(ConfigModule):
         return self.dense(cfg.features, down, cfg.use_bias)(hidden)
 
 
+# ---------------------------------------------------------------------------- remat
+
+REMAT_POLICIES = ("none", "dots", "full", "offload")
+
+
+def remat_policy(name: str) -> Callable[..., Any] | None:
+    """The ``jax.checkpoint`` policy of a per-layer remat setting (None: no remat).
+
+    - ``"none"``: no rematerialisation; the backward pass keeps every activation.
+    - ``"dots"``: each layer keeps its projections' outputs (every :class:`Dense`,
+      tagged :data:`PROJECTION`) and recomputes the rest (norms, RoPE, attention,
+      activations) in the backward pass. As ``dots_with_no_batch_dims_saveable`` for a
+      plain model, but LoRA-aware: a LoRA'd projection keeps its one output, not the base
+      dot and the low-rank product separately.
+    - ``"full"``: each layer keeps only its input and recomputes its whole forward pass.
+    - ``"offload"``: as ``"dots"``, with the kept outputs moved to host memory
+      (``pinned_host``) until the backward pass; needs a backend with a host memory
+      space distinct from the device's (a GPU or TPU). On CPU, whose "device" memory is
+      host memory already, it is refused with a message naming ``"dots"``.
+
+    Example:
+        >>> import jax
+        >>> from lora_jax.models.blocks import remat_policy
+        >>> remat_policy("none") is None, remat_policy("full") is jax.checkpoint_policies.nothing_saveable
+        (True, True)
+        >>> remat_policy("some")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown remat policy 'some'; expected one of 'none', 'dots', 'full', 'offload'
+    """
+    if name == "none":
+        return None
+    if name == "dots":
+        return jax.checkpoint_policies.save_only_these_names(PROJECTION)
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "offload":
+        check_offload_supported()
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=(PROJECTION,),
+            offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"unknown remat policy {name!r}; expected one of "
+                     + ", ".join(repr(p) for p in REMAT_POLICIES))
+
+
+def check_offload_supported(backend: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``backend`` (default: JAX's default) can offload to host.
+
+    Example:
+        >>> from lora_jax.models.blocks import check_offload_supported
+        >>> check_offload_supported("cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: remat policy 'offload' moves saved activations from device to host memory, and on the cpu backend device memory is host memory: there is nothing to gain. Use 'dots' (the same activations, kept in place) or 'full'.
+    """
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        raise ValueError(
+            f"remat policy 'offload' moves saved activations from device to host memory, and on the "
+            f"{backend} backend device memory is host memory: there is nothing to gain. Use 'dots' "
+            "(the same activations, kept in place) or 'full'.")
+    kinds = {m.kind for m in jax.devices(backend)[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(f"remat policy 'offload' needs a 'pinned_host' memory space; the {backend} "
+                         f"backend has {sorted(kinds)}. Use 'dots' or 'full'.")
+
+
+def rematted(layer: type[nn.Module], remat: str, *, scan: bool = False) -> type[nn.Module]:
+    """``layer`` under the per-layer remat ``remat`` (see :func:`remat_policy`); itself for "none".
+
+    Example:
+        >>> from lora_jax.models.blocks import MLP, rematted
+        >>> rematted(MLP, "none") is MLP, rematted(MLP, "full").__name__
+        (True, 'CheckpointMLP')
+    """
+    policy = remat_policy(remat)
+    if remat == "none":
+        return layer
+    # Inside a scan the body is one XLA computation anyway: CSE across the recomputation
+    # cannot undo the remat there, and preventing it costs (jax.checkpoint's docs).
+    return nn.remat(layer, policy=policy, prevent_cse=not scan)
+
+
 # ----------------------------------------------------------------------- layer stack
 
 
@@ -315,7 +423,8 @@ class UnrolledLayers(nn.Module):
 
 def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: bool,
                 num_args: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                name: str | None = None, scanned_args: Sequence[int] = ()) -> nn.Module:
+                name: str | None = None, scanned_args: Sequence[int] = (),
+                remat: str = "none") -> nn.Module:
     """The stack of ``num_layers`` layers, unrolled or as one ``nn.scan``-ed layer.
 
     Both are called ``stack(x, caches, *args)`` with ``num_args`` further arguments
@@ -325,6 +434,9 @@ def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: b
     argument is the same for all layers (no :class:`PerLayer`) except those at the
     positions ``scanned_args`` (0 = the first of ``args``): these carry a leading layer
     axis and layer ``i`` gets slice ``i``, the scanned form of a :class:`PerLayer`.
+    ``remat`` names the per-layer rematerialisation (:func:`remat_policy`): each layer
+    is one ``jax.checkpoint``, so the backward pass holds one layer's recomputed
+    activations at a time. It changes no param and no value.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -350,6 +462,7 @@ def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: b
         Array([[3., 3.]], dtype=float32)
     """
     kw = {"dtype": dtype, "param_dtype": param_dtype, "name": name}
+    layer = rematted(layer, remat, scan=scan)
     if not scan:
         return UnrolledLayers(layer, config, num_layers, **kw)
     bad = sorted(set(scanned_args) - set(range(num_args)))

@@ -86,12 +86,15 @@ class BuildSettings:
         scan_layers: one ``nn.scan``-ed layer instead of an unrolled stack.
         architecture: the ``config.json`` architecture asked for (e.g.
             "BertForSequenceClassification"), or None.
+        remat: per-layer rematerialisation of the layer stack: "none", "dots", "full"
+            or "offload" (:func:`lora_jax.models.blocks.remat_policy`).
     """
 
     dtype: Any = np.float32
     param_dtype: Any = np.float32
     scan_layers: bool = False
     architecture: str | None = None
+    remat: str = "none"
 
     @property
     def dtypes(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .layers import (
     empty_kv_cache,
     make_attention_mask,
     next_cache,
-    output_logits,
+    output_head,
     slots_and_positions,
     split_cache,
 )
@@ -200,11 +200,14 @@ class GPT2Model(ConfigModule):
 
     config: GPT2Config
 
+    remat: str = "none"
+
     def setup(self) -> None:
         cfg = self.config
         self.wte = self.embed(cfg.vocab_size, cfg.n_embd, None)
         self.wpe = self.embed(cfg.n_positions, cfg.n_embd, None)
-        self.h = layer_stack(GPT2Block, cfg, cfg.n_layer, scan=False, num_args=2, **self.kw)
+        self.h = layer_stack(GPT2Block, cfg, cfg.n_layer, scan=False, num_args=2, remat=self.remat,
+                             **self.kw)
         self.ln_f = self.layer_norm(cfg.layer_norm_epsilon, None)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -220,8 +223,8 @@ class GPT2Model(ConfigModule):
 
 
 class GPT2LMHeadModel(ConfigModule):
-    """GPT-2 causal LM; same call convention as ``LlamaForCausalLM`` (float32 logits,
-    ``(logits, cache)`` when a cache is passed).
+    """GPT-2 causal LM; same call convention and ``remat`` field as ``LlamaForCausalLM``
+    (float32 logits, ``(logits, cache)`` when a cache is passed, ``return_hidden``).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -235,13 +238,16 @@ class GPT2LMHeadModel(ConfigModule):
     """
 
     config: GPT2Config
+    remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        transformer = GPT2Model(self.config, name="transformer", **self.kw)
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+                 return_hidden=False):
+        transformer = GPT2Model(self.config, remat=self.remat, name="transformer", **self.kw)
         hidden, new_cache = transformer(input_ids, attention_mask, positions, cache)
-        logits = output_logits(hidden, transformer.wte, self.config, **self.kw)
-        return logits if cache is None else (logits, new_cache)
+        out = output_head(hidden, transformer.wte, self.config, param_dtype=self.param_dtype)
+        out = out if return_hidden else out.logits()
+        return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
         """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
@@ -270,7 +276,7 @@ def build(config: dict[str, Any], settings: BuildSettings) -> GPT2LMHeadModel:
     """
     if settings.scan_layers:
         raise NotImplementedError("scan_layers=True is implemented for the Llama family only")
-    return GPT2LMHeadModel(GPT2Config.from_hf(config), **settings.dtypes)
+    return GPT2LMHeadModel(GPT2Config.from_hf(config), remat=settings.remat, **settings.dtypes)
 
 
 def _conv1d_kept(path: tuple[str, ...]) -> bool:

@@ -11,6 +11,7 @@ cache. That keeps the models friendly to jaxpr-level transforms such as LoRA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -362,8 +363,10 @@ def dot_product_attention(
             options["mask"] = (mask.padding != 0)[:, None, None, :]
         options["is_causal"] = mask.causal
         if mask.sliding_window is not None:
-            # (left, right) window: the last `sliding_window` slots, none to the right.
-            options["local_window_size"] = (mask.sliding_window - 1, 0)
+            # (left, right) window: the last `sliding_window` slots, and every later one
+            # unless causal forbids them anyway.
+            right = 0 if mask.causal else key.shape[1]
+            options["local_window_size"] = (mask.sliding_window - 1, right)
     elif mask is not None:
         options["mask"] = mask
     out = _fused_attention(query, key, value, options)
@@ -594,14 +597,203 @@ def dense_init(stddev: float) -> Callable[..., jax.Array]:
     return nn.initializers.normal(stddev)
 
 
+# ------------------------------------------------------------------------- LM head
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LMHidden:
+    """A causal LM's final hidden states and its output head: what a loss needs to compute
+    the logits itself (``model(..., return_hidden=True)``), e.g. chunk by chunk.
+
+    ``head`` is the params leaf as stored (so a LoRA interpreter tracing the model sees the
+    head's dot on it): the ``lm_head`` kernel (dim, vocab), or with ``tied`` the embedding
+    table (vocab, dim).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import LMHidden
+        >>> out = LMHidden(jnp.ones((1, 3, 4)), jnp.eye(4, 6), tied=False)
+        >>> out.logits().shape, out.logits().dtype
+        ((1, 3, 6), dtype('float32'))
+
+    Attributes:
+        hidden: (batch, seq, dim), in the compute dtype.
+        head: (dim, vocab), or (vocab, dim) with ``tied``.
+        tied: ``head`` is the embedding table (its transpose is the output projection).
+    """
+
+    hidden: jax.Array
+    head: jax.Array
+    tied: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    def logits(self) -> jax.Array:
+        """float32 logits (batch, seq, vocab): exactly what the model returns without
+        ``return_hidden`` (see the class example)."""
+        return head_logits(self.hidden, self.head, tied=self.tied)
+
+    def loss(self, labels: jax.Array, weights: jax.Array, *, chunk_size: int | None = 1024) -> jax.Array:
+        """``sum(weights * nll(labels))`` through :func:`chunked_lm_loss` (None: the full logits at once).
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from lora_jax.models.layers import LMHidden
+            >>> out = LMHidden(jnp.zeros((1, 3, 4)), jnp.zeros((4, 8)))     # uniform over 8 tokens
+            >>> round(float(out.loss(jnp.array([[1, 2, 3]]), jnp.ones((1, 3)))), 4)   # 3 * log(8)
+            6.2383
+        """
+        return chunked_lm_loss(self.hidden, self.head, labels, weights, tied=self.tied,
+                               chunk_size=chunk_size)
+
+
+def head_logits(hidden: jax.Array, head: jax.Array, *, tied: bool) -> jax.Array:
+    """float32 logits of ``hidden`` through an ``lm_head`` kernel (dim, vocab) or, ``tied``,
+    an embedding table (vocab, dim); the head is cast to the hidden states' dtype first.
+
+    The same dot as ``nn.Dense`` / ``nn.Embed.attend``: ``head`` is contracted on its
+    ``dim`` axis where it lies, with no transposed copy.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import head_logits
+        >>> table = jnp.arange(6.0).reshape(3, 2)           # (vocab 3, dim 2)
+        >>> head_logits(jnp.ones((1, 2)), table, tied=True)
+        Array([[1., 5., 9.]], dtype=float32)
+    """
+    head = head.astype(hidden.dtype)
+    contract = 1 if tied else 0
+    logits = jax.lax.dot_general(hidden, head, (((hidden.ndim - 1,), (contract,)), ((), ())))
+    return logits.astype(jnp.float32)
+
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``-log softmax(logits)[label]`` per row, in float32.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import token_nll
+        >>> token_nll(jnp.zeros((2, 4)), jnp.array([0, 3]))      # log(4) each
+        Array([1.3862944, 1.3862944], dtype=float32)
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Array, *,
+                    tied: bool = False, chunk_size: int | None = 1024) -> jax.Array:
+    """``sum(weights * nll)`` of the LM head's logits, computed ``chunk_size`` tokens at a time.
+
+    The (tokens x vocab) float32 logits are never held at once, nor their gradient: a
+    ``lax.scan`` over token chunks computes each chunk's logits, log-softmax and weighted
+    NLL under ``jax.checkpoint``, and the backward pass recomputes one chunk's logits at a
+    time. The value and the gradients (of ``hidden`` and ``head``) are those of the full
+    computation. The head's dot is a plain ``dot_general`` on the ``head`` leaf, so
+    :func:`lora_jax.lora` computes a LoRA'd head (or tied embedding) on the efficient path.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.models.layers import chunked_lm_loss, head_logits, token_nll
+        >>> hidden = jax.random.normal(jax.random.key(0), (2, 5, 4))
+        >>> head = jax.random.normal(jax.random.key(1), (4, 7))
+        >>> labels, weights = jnp.arange(10).reshape(2, 5) % 7, jnp.ones((2, 5))
+        >>> full = jnp.sum(token_nll(head_logits(hidden, head, tied=False), labels))
+        >>> bool(jnp.allclose(chunked_lm_loss(hidden, head, labels, weights, chunk_size=3), full))
+        True
+
+    Args:
+        hidden: (..., dim) final hidden states.
+        head: (dim, vocab), or (vocab, dim) with ``tied``.
+        labels: (...) target token ids, aligned with ``hidden`` (shift before calling).
+        weights: (...) weight of each token's NLL (0 = not a target).
+        tied: ``head`` is an embedding table.
+        chunk_size: tokens per chunk; None (or at least the token count) for one chunk.
+            The tokens are padded up to whole chunks with zero weights.
+
+    Returns:
+        float32 scalar: the weighted NLL sum (divide by ``weights.sum()`` for the mean).
+    """
+    dim = hidden.shape[-1]
+    rows = hidden.reshape(-1, dim)
+    labels = labels.reshape(-1).astype(jnp.int32)
+    weights = weights.reshape(-1).astype(jnp.float32)
+    tokens = rows.shape[0]
+    if chunk_size is None or chunk_size >= tokens:
+        return jnp.sum(token_nll(head_logits(rows, head, tied=tied), labels) * weights)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    chunks = -(-tokens // chunk_size)
+    pad = chunks * chunk_size - tokens
+    if pad:
+        rows = jnp.pad(rows, ((0, pad), (0, 0)))
+        labels, weights = jnp.pad(labels, (0, pad)), jnp.pad(weights, (0, pad))
+
+    # Saves nothing but its inputs: the backward pass recomputes this chunk's logits.
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                       prevent_cse=False)
+    def chunk_loss(head: jax.Array, rows: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+        return jnp.sum(token_nll(head_logits(rows, head, tied=tied), labels) * weights)
+
+    def step(total: jax.Array, chunk: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        return total + chunk_loss(head, *chunk), None
+
+    xs = (rows.reshape(chunks, chunk_size, dim), labels.reshape(chunks, chunk_size),
+          weights.reshape(chunks, chunk_size))
+    total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), xs)
+    return total
+
+
+class _HeadKernel(nn.Module):
+    """The ``kernel`` (in, vocab) param of an untied ``lm_head``, as ``nn.Dense`` stores it."""
+
+    vocab_size: int
+    kernel_init: Callable[..., jax.Array]
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, features: int) -> jax.Array:
+        return self.param("kernel", self.kernel_init, (features, self.vocab_size), self.param_dtype)
+
+
+def output_head(hidden: jax.Array, embedding: nn.Embed, config: Any, *,
+                param_dtype: Dtype) -> LMHidden:
+    """The :class:`LMHidden` of a causal LM: its last hidden states and its output head.
+
+    The head is the ``embedding`` table when ``config.tie_word_embeddings``, else an
+    ``lm_head`` kernel (``config.vocab_size`` outputs, init normal(0,
+    ``config.initializer_range``); the params of an ``nn.Dense`` without bias) created in
+    the calling module's scope: call it from a compact ``__call__``.
+
+    Example:
+        >>> import types, jax, jax.numpy as jnp, flax.linen as nn
+        >>> from lora_jax.models.layers import output_head
+        >>> config = types.SimpleNamespace(tie_word_embeddings=False, vocab_size=10,
+        ...                                initializer_range=0.02)
+        >>> class Head(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         embedding = nn.Embed(10, 4, name="embed")
+        ...         return output_head(embedding(x), embedding, config, param_dtype=jnp.float32)
+        >>> out, params = jax.eval_shape(Head().init_with_output, jax.random.key(0),
+        ...                              jnp.zeros((1, 3), int))
+        >>> out.hidden.shape, out.logits().shape, params["params"]["lm_head"]["kernel"].shape
+        ((1, 3, 4), (1, 3, 10), (4, 10))
+    """
+    if config.tie_word_embeddings:
+        return LMHidden(hidden, embedding.embedding, tied=True)
+    kernel = _HeadKernel(config.vocab_size, dense_init(config.initializer_range), param_dtype,
+                         name="lm_head")(hidden.shape[-1])
+    return LMHidden(hidden, kernel, tied=False)
+
+
 def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype: Dtype,
                   param_dtype: Dtype) -> jax.Array:
-    """float32 logits of a causal LM's last hidden states.
+    """float32 logits of a causal LM's last hidden states: ``output_head(...).logits()``.
 
     Through the ``embedding`` table when ``config.tie_word_embeddings``, else through
-    an ``lm_head`` Dense (``config.vocab_size`` outputs, init normal(0,
-    ``config.initializer_range``)) created in the calling module's scope: call it from
-    a compact ``__call__``.
+    an ``lm_head`` kernel (see :func:`output_head`) created in the calling module's
+    scope: call it from a compact ``__call__``. ``hidden`` is in the compute dtype
+    ``dtype``.
 
     Example:
         >>> import types, jax, jax.numpy as jnp, flax.linen as nn
@@ -619,9 +811,4 @@ def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype:
         >>> logits.shape, params["params"]["lm_head"]["kernel"].shape
         ((1, 3, 10), (4, 10))
     """
-    if config.tie_word_embeddings:
-        logits = embedding.attend(hidden)
-    else:
-        logits = nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=dense_init(config.initializer_range), name="lm_head")(hidden)
-    return logits.astype(jnp.float32)
+    return output_head(hidden.astype(dtype), embedding, config, param_dtype=param_dtype).logits()

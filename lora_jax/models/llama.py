@@ -45,7 +45,7 @@ from .layers import (
     empty_kv_cache,
     make_attention_mask,
     next_cache,
-    output_logits,
+    output_head,
     rope_angles,
     rope_inverse_frequencies,
     slots_and_positions,
@@ -301,6 +301,7 @@ class LlamaModel(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
     # The layer of the stack; a family with another layer (Qwen3-MoE) subclasses and swaps it.
     decoder_layer: ClassVar[type[nn.Module]] = LlamaDecoderLayer
 
@@ -322,7 +323,7 @@ class LlamaModel(nn.Module):
         # Scanned, the stack itself is "layers": its params sit directly under
         # model.layers with a leading layer axis, no index level.
         self.layers = layer_stack(self.decoder_layer, cfg, cfg.num_hidden_layers,
-                                  scan=self.scan_layers, num_args=3, **kw)
+                                  scan=self.scan_layers, num_args=3, remat=self.remat, **kw)
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -354,6 +355,13 @@ class LlamaForCausalLM(nn.Module):
             (batch, max_length) covering every cache slot with one. None = all real.
         positions: (batch, seq) RoPE positions; default ``cache index + arange(seq)``.
         cache: a KV cache from ``init_cache``; then the call returns ``(logits, cache)``.
+        return_hidden: return an :class:`~lora_jax.models.layers.LMHidden` (final hidden
+            states and the head's params leaf) instead of the logits, for a loss that
+            computes them chunk by chunk (:func:`~lora_jax.models.chunked_lm_loss`).
+
+    Fields ``scan_layers`` (one ``nn.scan``-ed layer) and ``remat`` (per-layer
+    rematerialisation, see :func:`~lora_jax.models.blocks.remat_policy`) change how the
+    forward and backward passes run, not the params or the values.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -371,18 +379,20 @@ class LlamaForCausalLM(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"
     base_model: ClassVar[type[nn.Module]] = LlamaModel  # swapped by subclasses, like decoder_layer
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+                 return_hidden=False):
         model = self.base_model(
             self.config, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-            name="model",
+            remat=self.remat, name="model",
         )
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        logits = output_logits(hidden, model.embed_tokens, self.config, dtype=self.dtype,
-                               param_dtype=self.param_dtype)
-        return logits if cache is None else (logits, new_cache)
+        out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype)
+        out = out if return_hidden else out.logits()
+        return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
         """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
@@ -412,7 +422,8 @@ def build(config: dict[str, Any], settings: BuildSettings) -> LlamaForCausalLM:
         ...     "sliding_window": 64}, BuildSettings()).config.sliding_windows
         (64, 64)
     """
-    return LlamaForCausalLM(LlamaConfig.from_hf(config), settings.scan_layers, **settings.dtypes)
+    return LlamaForCausalLM(LlamaConfig.from_hf(config), settings.scan_layers, remat=settings.remat,
+                            **settings.dtypes)
 
 
 FAMILY = ModelFamily(

@@ -29,6 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import bert, gemma, gpt2, llama, opt, phi3, qwen3, qwen3_moe
+from .blocks import remat_policy
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .family import PARAMETER_LEAF, BuildSettings, ModelFamily, ParamPath
 from .gguf import read_gguf
@@ -168,6 +169,7 @@ def build_module(
     compute_dtype: Dtype | None = None,
     scan_layers: bool = False,
     architecture: str | None = None,
+    remat: str = "none",
     **options: Any,
 ) -> nn.Module:
     """The linen module for a Hugging Face config, without params.
@@ -178,6 +180,10 @@ def build_module(
         compute_dtype: dtype of activations; defaults to ``dtype``.
         scan_layers: Llama family only: one ``nn.scan``-ed decoder layer.
         architecture: e.g. "BertForSequenceClassification"; default from the config.
+        remat: per-layer rematerialisation in the backward pass: "none", "dots" (keep
+            the projections' outputs), "full" (keep each layer's input) or "offload"
+            ("dots" kept in host memory; GPU/TPU). See
+            :func:`~lora_jax.models.blocks.remat_policy`.
 
     Example:
         >>> from lora_jax.models import build_module
@@ -191,8 +197,9 @@ def build_module(
     # Accept "bfloat16", np.float32, jnp.bfloat16 alike; module fields must be hashable.
     dtype = jnp.dtype(dtype)
     compute_dtype = dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+    remat_policy(remat)  # an unknown name (or offload on CPU) is refused before building
     settings = BuildSettings(dtype=compute_dtype, param_dtype=dtype, scan_layers=scan_layers,
-                             architecture=_architecture(config, architecture))
+                             architecture=_architecture(config, architecture), remat=remat)
     return family.build(config, settings, **options)
 
 
@@ -204,9 +211,11 @@ def from_config(
     compute_dtype: Dtype | None = None,
     scan_layers: bool = False,
     architecture: str | None = None,
+    remat: str = "none",
 ) -> Model:
     """A randomly initialised model, for tests: kernels and embeddings normal(0,
     ``initializer_range``), norm scales one, biases zero; same ``seed``, same params.
+    The options are :func:`build_module`'s.
 
     Example:
         >>> from lora_jax.models import from_config
@@ -218,7 +227,7 @@ def from_config(
     """
     config = config_to_dict(config)
     module = build_module(config, dtype=dtype, compute_dtype=compute_dtype,
-                          scan_layers=scan_layers, architecture=architecture)
+                          scan_layers=scan_layers, architecture=architecture, remat=remat)
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), *_family(config).dummy_inputs())
     )["params"]
@@ -364,6 +373,7 @@ def from_pretrained(
     compute_dtype: Dtype | None = None,
     scan_layers: bool = False,
     architecture: str | None = None,
+    remat: str = "none",
 ) -> Model:
     """Load a local Hugging Face checkpoint directory or a GGUF file.
 
@@ -378,6 +388,7 @@ def from_pretrained(
         scan_layers: Llama family only: stack the decoder layers for ``nn.scan``.
         architecture: override ``config.architectures[0]`` (e.g. load a BERT classifier
             checkpoint as the bare "BertModel").
+        remat: per-layer rematerialisation for training (see :func:`build_module`).
 
     Returns:
         ``Model(module, params, config, source)``.
@@ -421,7 +432,7 @@ def from_pretrained(
     options = family.build_options(checkpoint.keys())
     module = _with_source(config_source, functools.partial(
         build_module, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
-        architecture=architecture, **options), config)
+        architecture=architecture, remat=remat, **options), config)
     params = _load_params(module, family, checkpoint, module.param_dtype, source)
     return Model(module, params, config, source)
 
