@@ -23,6 +23,11 @@ qwen3, phi3 (4k variants), qwen3_moe, gpt2, bert, opt, gemma2, gemma3_text; GGUF
 architecture llama or qwen2. Input these cannot use raises :class:`ModelLoadError` (a
 ``ValueError``) naming the file, key or tensor.
 
+Training at scale: ``from_pretrained(path, remat="full")`` rematerialises each layer in the
+backward pass (``REMAT_POLICIES``: none, dots, full, offload), and a causal LM called with
+``return_hidden=True`` returns an ``LMHidden`` (final hidden states and the head's params
+leaf) for ``chunked_lm_loss``, which never holds all the (tokens x vocab) logits.
+
 Modules: ``layers`` (array maths: norms, RoPE, attention, KV cache, LM head),
 ``blocks`` (linen blocks: self-attention, MLP, layer stack), one module per family
 (``llama``, ``qwen3``, ``phi3``, ``qwen3_moe`` with the ``moe`` block, ``gpt2``, ``bert``,
@@ -32,12 +37,14 @@ Hugging Face checkpoint).
 """
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput
+from .blocks import REMAT_POLICIES, remat_policy
 from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
 from .export import save_merged
 from .gemma import GemmaConfig, GemmaForCausalLM
 from .generation import generate, sample_logits
 from .gguf import read_gguf
 from .gpt2 import GPT2Config, GPT2LMHeadModel
+from .layers import LMHidden, chunked_lm_loss
 from .llama import LlamaConfig, LlamaForCausalLM
 from .loading import (
     SUPPORTED_MODEL_TYPES,
@@ -62,6 +69,7 @@ __all__ = [
     "GemmaForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
+    "LMHidden",
     "LlamaConfig",
     "LlamaForCausalLM",
     "MissingTensorError",
@@ -69,13 +77,16 @@ __all__ = [
     "ModelLoadError",
     "OPTConfig",
     "OPTForCausalLM",
+    "REMAT_POLICIES",
     "build_module",
+    "chunked_lm_loss",
     "config_to_dict",
     "from_config",
     "from_pretrained",
     "generate",
     "load_tokenizer",
     "read_gguf",
+    "remat_policy",
     "sample_logits",
     "save_merged",
     "save_pretrained",
