@@ -385,6 +385,14 @@ class UnrolledLayers(nn.Module):
     with a ``layer_idx`` field gets its index. An argument wrapped in
     :class:`PerLayer` gives each layer its own item; the others go to every layer.
 
+    ``ordered`` (for rematerialised layers, see :func:`rematted`): on the CPU backend each
+    layer runs as ``lax.cond(p, layer, layer, ...)``, both branches the same layer. The
+    backward pass of a conditional is a conditional taking the incoming gradient, so
+    XLA:CPU can neither merge a layer's recomputation with the forward pass (it drops
+    ``jax.checkpoint``'s optimization barriers early) nor start it before that gradient
+    exists, which it otherwise does for most layers at once, keeping their recomputed
+    activations alive together.
+
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> from lora_jax.models.blocks import (MLP, MLPConfig, ConfigModule, PerLayer,
@@ -405,20 +413,38 @@ class UnrolledLayers(nn.Module):
     num_layers: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ordered: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, caches: Sequence[Any] | None,
                  *args: Any) -> tuple[jax.Array, tuple[Any, ...] | None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         with_index = "layer_idx" in {f.name for f in dataclasses.fields(self.layer)}
+        in_conditional = self.ordered and jax.default_backend() == "cpu" and not self.is_initializing()
         new_caches = []
         for i in range(self.num_layers):
             layer_args = [a[i] if isinstance(a, PerLayer) else a for a in args]
             extra = {"layer_idx": i} if with_index else {}
             layer = self.layer(self.config, name=str(i), **extra, **kw)
-            x, layer_cache = layer(x, None if caches is None else caches[i], *layer_args)
+            layer_cache = None if caches is None else caches[i]
+            if in_conditional:
+                x, layer_cache = nn.cond(_unfoldable_true(x), _call, _call, layer, x, layer_cache,
+                                         *layer_args)
+            else:
+                x, layer_cache = layer(x, layer_cache, *layer_args)
             new_caches.append(layer_cache)
         return x, None if caches is None else tuple(new_caches)
+
+
+def _call(layer: nn.Module, *args: Any) -> Any:
+    return layer(*args)
+
+
+def _unfoldable_true(x: jax.Array) -> jax.Array:
+    """A predicate XLA cannot fold (True unless ``x``'s first element is NaN). Both branches
+    of :class:`UnrolledLayers`' conditional are the same layer, so its value never matters."""
+    first = x.reshape(-1)[0]
+    return first == first
 
 
 def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: bool,
@@ -464,7 +490,7 @@ def layer_stack(layer: type[nn.Module], config: Any, num_layers: int, *, scan: b
     kw = {"dtype": dtype, "param_dtype": param_dtype, "name": name}
     layer = rematted(layer, remat, scan=scan)
     if not scan:
-        return UnrolledLayers(layer, config, num_layers, **kw)
+        return UnrolledLayers(layer, config, num_layers, ordered=remat != "none", **kw)
     bad = sorted(set(scanned_args) - set(range(num_args)))
     if bad:
         raise ValueError(f"scanned_args {bad} are not argument positions 0..{num_args - 1}")
