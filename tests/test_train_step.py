@@ -22,7 +22,6 @@ from lora_jax.train import (
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
-    remat_policy,
     train,
     trainable_leaves,
     with_leaves,
@@ -151,21 +150,6 @@ def test_gradient_accumulation_equals_one_large_batch():
     np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(new_a.trainable), jax.tree.leaves(new_b.trainable)):
         np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_remat_changes_memory_not_the_update():
-    state, optimizer = fresh_state()
-    batch = make_batch(2)
-    remat = make_train_step(apply_fn, CONFIG, optimizer, remat="nothing_saveable", donate=False)
-    new_plain, _ = STEP(state, PARAMS, batch)
-    new_remat, _ = remat(state, PARAMS, batch)
-    for a, b in zip(jax.tree.leaves(new_plain.trainable), jax.tree.leaves(new_remat.trainable)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_unknown_remat_policy_lists_the_choices():
-    with pytest.raises(ValueError, match="dots_saveable"):
-        remat_policy("everything_but_dots")
 
 
 def test_bfloat16_base_keeps_float32_adapter_and_close_loss():

@@ -42,6 +42,10 @@ from lora_jax.train.batches import Batch, BatchLoader, BatchSource, bucket_lengt
 from lora_jax.train.checkpoint import CheckpointError, Checkpoints
 from lora_jax.train.progress import MetricsLog, ProgressBar, plot_loss_curve
 from lora_jax.train.step import (
+    CPU_SCHEDULERS,
+    DEFAULT_CPU_SCHEDULER,
+    DEFAULT_LOSS_CHUNK,
+    REMAT_POLICIES,
     SCHEDULES,
     ApplyFn,
     TrainState,
@@ -85,7 +89,15 @@ class TrainConfig:
         num_buckets: padded lengths used without packing (fewer = fewer compilations).
         dtype: dtype of the frozen params (e.g. "bfloat16"); adapters stay float32.
             Build the model with the same compute dtype for bf16 compute.
-        remat: a ``jax.checkpoint_policies`` name for gradient checkpointing, or None.
+        remat: per-layer rematerialisation ("none", "dots", "full", "offload"; see
+            :func:`lora_jax.models.blocks.remat_policy`) when ``apply_fn`` is a
+            :mod:`lora_jax.models` module; None or "none": none.
+        loss_chunk: tokens per chunk of the LM head + cross-entropy when the model
+            returns its hidden states (a :mod:`lora_jax.models` module does): the
+            (tokens x vocab) logits are never all held at once. None: full logits.
+        cpu_scheduler: on CPU, XLA's "concurrency"-optimized instruction scheduler (its
+            default, and ours) or its "memory"-optimized one (see
+            :func:`~lora_jax.train.step.compiler_options`).
         eval_every: held-out evaluation every N steps (0: only before and after).
         eval_batch_size: rows per evaluation batch (default ``batch_size``).
         save_every: checkpoint every N steps (and always at the end and on Ctrl-C).
@@ -110,9 +122,12 @@ class TrainConfig:
     eval_batch_size: int | None = None
     save_every: int = 50
     keep: int = 3
+    loss_chunk: int | None = DEFAULT_LOSS_CHUNK
+    cpu_scheduler: str = DEFAULT_CPU_SCHEDULER
 
-    # Settings that do not change the trained adapter, so a resume may change them.
-    RESUMABLE = ("eval_every", "eval_batch_size", "save_every", "keep")
+    # Settings that do not change the trained adapter, so a resume may change them (the
+    # loss chunk and the scheduler change the order of float sums at most).
+    RESUMABLE = ("eval_every", "eval_batch_size", "save_every", "keep", "loss_chunk", "cpu_scheduler")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "keep", "num_buckets", "save_every"):
@@ -134,7 +149,13 @@ class TrainConfig:
         _require("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
         _require("dtype", self.dtype, self.dtype in DTYPES, f"one of {DTYPES}")
         if self.remat is not None:
-            remat_policy(self.remat)
+            _require("remat", self.remat, self.remat in REMAT_POLICIES, f"None or one of {REMAT_POLICIES}")
+            remat_policy(self.remat)  # "offload" where the backend cannot
+        if self.loss_chunk is not None:
+            _require("loss_chunk", self.loss_chunk, _is_int(self.loss_chunk) and self.loss_chunk >= 1,
+                     "an integer >= 1 or None")
+        _require("cpu_scheduler", self.cpu_scheduler, self.cpu_scheduler in CPU_SCHEDULERS,
+                 f"one of {CPU_SCHEDULERS}")
 
     def settings(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint.
@@ -285,7 +306,10 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
         (20, True)
 
     Args:
-        apply_fn: the model's forward pass over a params pytree.
+        apply_fn: the model's forward pass over a params pytree (returning logits, or
+            a ``lora_jax.models.layers.LMHidden``); or a :mod:`lora_jax.models`
+            causal-LM module (``model.module``), which trains with ``config.remat``
+            per layer and the chunked loss (``config.loss_chunk``).
         params: the frozen pretrained params (never modified).
         lora_config: targets, rank and scaling; ``modules_to_save`` and
             biases (``bias=``) train in full.
@@ -395,8 +419,12 @@ def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
                             seq_len=config.seq_len, pad_id=pad_id, buckets=buckets)
     return _Run(
         config=config, settings=settings, schedule=schedule, optimizer=optimizer, loader=loader,
-        held_out=held_out, train_step=make_train_step(apply_fn, lora_config, optimizer, remat=config.remat),
-        eval_step=make_eval_step(apply_fn, lora_config), output_dir=output_dir,
+        held_out=held_out,
+        train_step=make_train_step(apply_fn, lora_config, optimizer, remat=config.remat,
+                                   loss_chunk=config.loss_chunk, cpu_scheduler=config.cpu_scheduler),
+        eval_step=make_eval_step(apply_fn, lora_config, loss_chunk=config.loss_chunk,
+                                 cpu_scheduler=config.cpu_scheduler),
+        output_dir=output_dir,
         checkpoints=Checkpoints(output_dir / "checkpoints", keep=config.keep) if output_dir else None,
         metrics=MetricsLog(output_dir / "metrics.jsonl") if output_dir else None, log=log or _stderr,
     )

@@ -152,7 +152,8 @@ def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneR
         reporter = Reporter.for_run(settings.report_to, output, logging_steps=settings.logging_steps,
                                     config=settings.record(), name=output.name)
         try:
-            result = train(_causal_apply(base.model), params, lora_config, train_data,
+            # The module itself: train() applies it with --remat per layer and the chunked loss.
+            result = train(base.model.module, params, lora_config, train_data,
                            config=settings.train_config(), eval_examples=eval_examples, pad_id=generator.pad_id,
                            adapter=adapter, output_dir=output, resume=settings.resume, run_info=settings.run_info(),
                            progress=settings.progress, log=log, mesh=mesh, sharding=settings.sharding,
@@ -489,12 +490,6 @@ def _duration(seconds: float) -> str:
 def _describe_data(data: Sequence[Any]) -> str:
     return ", ".join(Path(d).name if isinstance(d, str) and Path(d).is_absolute() else describe_data(d)
                      for d in data)
-
-
-def _causal_apply(model: Any) -> Any:
-    def apply_fn(params: Any, input_ids: Any, attention_mask: Any) -> Any:
-        return model.module.apply({"params": params}, input_ids, attention_mask=attention_mask)
-    return apply_fn
 
 
 def _num_params(params: Any) -> int:

@@ -35,6 +35,13 @@ import yaml
 from lora_jax.config import LoraConfig
 from lora_jax.train.loop import TrainConfig
 from lora_jax.train.records import CHATTERBOT_ENGLISH, describe_data
+from lora_jax.train.step import (
+    CPU_SCHEDULERS,
+    DEFAULT_CPU_SCHEDULER,
+    DEFAULT_LOSS_CHUNK,
+    REMAT_POLICIES,
+    remat_policy,
+)
 
 DEFAULT_OUTPUT = "runs/smollm2-chatterbot"
 TINY_OUTPUT = "runs/tiny"
@@ -52,7 +59,7 @@ ACTIONS = ("resume", "overwrite")
 # Hugging Face TrainingArguments switches that set one of our settings to a value (flags and config keys).
 SWITCHES: dict[str, tuple[str, dict[bool, Any]]] = {
     "bf16": ("dtype", {True: "bfloat16", False: "float32"}),
-    "gradient_checkpointing": ("remat", {True: "full", False: None}),
+    "gradient_checkpointing": ("remat", {True: "full", False: "none"}),
 }
 
 _SAME = object()  # a --tiny default equal to the normal one
@@ -161,14 +168,13 @@ def _targets(value: Any) -> str | None:
 
 
 def _remat(value: Any) -> str | None:
-    from lora_jax.train.step import remat_policy
-
-    if not isinstance(value, str):
-        return "'full' or a jax.checkpoint_policies name"
+    expected = "one of " + ", ".join(repr(p) for p in REMAT_POLICIES)
+    if value not in REMAT_POLICIES:
+        return expected
     try:
         remat_policy(value)
-    except ValueError as err:
-        return str(err).split("; ", 1)[-1].rstrip(".").replace("choose ", "")
+    except ValueError as err:  # "offload" on a backend that cannot
+        return f"{expected}, usable here ({err})"
     return None
 
 
@@ -330,8 +336,16 @@ class FinetuneSettings:
                                   help="padded lengths without packing")
     dtype: str | None = setting("float32", group="training", choices=("float32", "bfloat16"), trajectory=True,
                                 help="frozen weights and compute (adapters stay float32)")
-    remat: str | None = setting(None, group="training", check=_remat, trajectory=True,
-                                help="gradient checkpointing: 'full' or a jax.checkpoint_policies name")
+    remat: str | None = setting("full", group="training", choices=REMAT_POLICIES, check=_remat, trajectory=True,
+                                help="per-layer rematerialisation: none, dots (keep the projections' "
+                                     "outputs), full (keep each layer's input), offload (dots in host memory; "
+                                     "GPU/TPU)")
+    chunked_loss: int = setting(DEFAULT_LOSS_CHUNK, kind=int, group="training", check=integer(0),
+                                help="tokens per chunk of the LM head + cross-entropy, never holding all the "
+                                     "logits (0: all at once)")
+    xla_cpu_scheduler: str = setting(DEFAULT_CPU_SCHEDULER, group="training", choices=CPU_SCHEDULERS,
+                                     help="XLA:CPU instruction scheduler: concurrency (XLA's default) or memory "
+                                          "(fewer live temporaries without --remat)")
     eval_fraction: float | None = setting(0.05, kind=float, group="training", check=number(0, below=1),
                                           trajectory=True, help="held-out share of the data")
     max_eval: int | None = setting(64, kind=int, tiny=32, group="training", check=integer(0), trajectory=True,
@@ -471,6 +485,7 @@ class FinetuneSettings:
             seq_len=self.seq_len, learning_rate=self.lr, warmup_steps=self.warmup, schedule=self.schedule,
             weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm or None, seed=self.seed,
             packing=bool(self.packing), num_buckets=self.buckets, dtype=self.dtype, remat=self.remat,
+            loss_chunk=self.chunked_loss or None, cpu_scheduler=self.xla_cpu_scheduler,
             eval_every=self.eval_every, save_every=self.save_every, keep=self.keep,
         )
 

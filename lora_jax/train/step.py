@@ -13,6 +13,17 @@ params are an argument of the step, never a constant baked into it::
 ``apply_fn(params, input_ids, attention_mask) -> logits`` is any function of
 a params pytree; LoRA is applied to it with :func:`lora_jax.lora`, so the
 step computes ``x @ W + s * (x @ A) @ B`` and never a dense weight gradient.
+It may instead return a :class:`lora_jax.models.layers.LMHidden` (final hidden
+states and the head's params leaf): the loss then computes the logits
+``loss_chunk`` tokens at a time, never holding all (tokens x vocab) of them.
+
+``apply_fn`` may also be a :mod:`lora_jax.models` causal-LM module
+(``model.module``): the step then applies it with per-layer remat (``remat``:
+"none", "dots", "full" or "offload", see
+:func:`lora_jax.models.blocks.remat_policy`) and the chunked loss. On CPU,
+``cpu_scheduler="memory"`` compiles the steps with XLA's memory-optimized
+instruction scheduler instead of its concurrency-optimized default
+(:func:`compiler_options`).
 """
 
 from __future__ import annotations
@@ -28,8 +39,14 @@ from lora_jax.config import LoraConfig
 from lora_jax.transform import lora
 from lora_jax.tree import split_path, trainable_mask
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+ApplyFn = Callable[[Any, jax.Array, jax.Array], Any]
 SCHEDULES = ("cosine", "linear", "constant")
+REMAT_POLICIES = ("none", "dots", "full", "offload")  # as lora_jax.models.blocks.REMAT_POLICIES
+CPU_SCHEDULERS = ("memory", "concurrency")
+# Tokens per chunk of the LM head + cross-entropy, and the XLA:CPU scheduler: the defaults the
+# compiled-memory measurements chose (README, "Memory"; benchmarks/memory_targets.py).
+DEFAULT_LOSS_CHUNK = 128
+DEFAULT_CPU_SCHEDULER = "concurrency"
 
 
 class TrainState(NamedTuple):
@@ -144,7 +161,89 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def make_loss_fn(apply_fn: ApplyFn, config: LoraConfig, *, remat: str | None = None) -> Callable[..., Any]:
+def lm_loss(output: Any, input_ids: jax.Array, loss_mask: jax.Array, *,
+            loss_chunk: int | None = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """:func:`causal_lm_loss` of a model's output: its logits, or an ``LMHidden``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import LMHidden
+        >>> ids, mask = jnp.array([[0, 1, 2]]), jnp.array([[False, True, True]])
+        >>> hidden = LMHidden(jnp.zeros((1, 3, 2)), jnp.zeros((2, 4)))    # uniform over 4 tokens
+        >>> [round(float(x), 4) for x in lm_loss(hidden, ids, mask, loss_chunk=2)]
+        [2.7726, 2.0]
+        >>> [round(float(x), 4) for x in lm_loss(hidden.logits(), ids, mask)]   # the same from logits
+        [2.7726, 2.0]
+
+    With an ``LMHidden`` the logits are computed ``loss_chunk`` tokens at a time
+    (:func:`lora_jax.models.chunked_lm_loss`; None: all at once). Position ``t``
+    predicts token ``t + 1``, as in :func:`causal_lm_loss`.
+    """
+    if isinstance(output, jax.Array):
+        return causal_lm_loss(output, input_ids, loss_mask)
+    from lora_jax.models.layers import LMHidden, chunked_lm_loss
+
+    if not isinstance(output, LMHidden):
+        raise TypeError(f"apply_fn must return logits or a lora_jax.models.layers.LMHidden, got "
+                        f"{type(output).__name__}")
+    # Shift by padding the targets instead of slicing the hidden states: the last
+    # position predicts nothing (weight 0).
+    targets = jnp.pad(input_ids[..., 1:], [(0, 0)] * (input_ids.ndim - 1) + [(0, 1)])
+    weights = jnp.pad(loss_mask[..., 1:].astype(jnp.float32), [(0, 0)] * (loss_mask.ndim - 1) + [(0, 1)])
+    nll = chunked_lm_loss(output.hidden, output.head, targets, weights, tied=output.tied,
+                          chunk_size=loss_chunk)
+    return nll, jnp.sum(weights)
+
+
+def model_apply(module: Any, *, remat: str | None = None, return_hidden: bool = False) -> ApplyFn:
+    """``apply_fn(params, input_ids, attention_mask)`` of a :mod:`lora_jax.models` causal LM.
+
+    Example:
+        >>> from lora_jax import models
+        >>> model = models.from_config({"model_type": "llama", "hidden_size": 16,
+        ...     "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        ...     "vocab_size": 30})
+        >>> apply_fn = model_apply(model.module, remat="full", return_hidden=True)
+        >>> out = apply_fn(model.params, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+        >>> type(out).__name__, out.hidden.shape
+        ('LMHidden', (1, 4, 16))
+
+    Args:
+        module: the linen module (``model.module``), with a ``remat`` field.
+        remat: per-layer remat ("none", "dots", "full", "offload"); None keeps the module's.
+        return_hidden: return ``LMHidden`` (for the chunked loss) instead of logits.
+    """
+    if not hasattr(module, "remat"):
+        raise TypeError(f"{type(module).__name__} is not a lora_jax.models module (it has no remat field); "
+                        "pass a function apply_fn(params, input_ids, attention_mask) instead.")
+    if remat is not None and remat != module.remat:
+        module = module.clone(remat=remat)
+
+    def apply_fn(params: Any, input_ids: jax.Array, attention_mask: jax.Array) -> Any:
+        options = {"return_hidden": True} if return_hidden else {}
+        return module.apply({"params": params}, input_ids, attention_mask=attention_mask, **options)
+
+    return apply_fn
+
+
+def _as_apply_fn(apply_fn: Any, remat: str | None, loss_chunk: int | None) -> ApplyFn:
+    """A module becomes its apply function (per-layer remat, hidden states for a chunked
+    loss); a function is used as it is, which per-layer remat cannot reach."""
+    import flax.linen as nn
+
+    if isinstance(apply_fn, nn.Module):
+        return model_apply(apply_fn, remat=remat, return_hidden=loss_chunk is not None)
+    if remat not in (None, "none"):
+        remat_policy(remat)  # an unknown name is the clearer error
+        raise ValueError(
+            f"remat={remat!r} rematerialises each layer of a lora_jax.models model: pass the module "
+            "(model.module) as apply_fn, or build your model with it (models.from_pretrained(..., "
+            f"remat={remat!r})) and pass remat=None.")
+    return apply_fn
+
+
+def make_loss_fn(apply_fn: ApplyFn | Any, config: LoraConfig, *, remat: str | None = None,
+                 loss_chunk: int | None = DEFAULT_LOSS_CHUNK) -> Callable[..., Any]:
     """``loss(trainable, params, batch, rng) -> (nll_sum, count)`` for one micro-batch.
 
     Example:
@@ -162,47 +261,79 @@ def make_loss_fn(apply_fn: ApplyFn, config: LoraConfig, *, remat: str | None = N
         [1.7437, 1.0]
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``loss_mask`` of shape
-    ``(B, L)``; ``rng`` (a key or None) drives LoRA dropout. ``remat`` names a
-    ``jax.checkpoint_policies`` policy (e.g. ``"dots_with_no_batch_dims_saveable"``,
-    ``"nothing_saveable"``) under which the forward pass is rematerialised in
-    the backward pass, trading compute for activation memory.
+    ``(B, L)``; ``rng`` (a key or None) drives LoRA dropout. The loss is computed
+    inside the LoRA-traced function (:func:`lm_loss`), so a head that
+    ``apply_fn`` hands back in an ``LMHidden`` is a LoRA'd dot like any other.
+
+    Args:
+        apply_fn: ``apply_fn(params, input_ids, attention_mask)`` returning logits or an
+            ``LMHidden``; or a :mod:`lora_jax.models` causal-LM module (see
+            :func:`model_apply`).
+        config: the LoRA config.
+        remat: per-layer remat of a module ``apply_fn`` ("none", "dots", "full",
+            "offload"); a function ``apply_fn`` is rematerialised however it was built.
+        loss_chunk: tokens per chunk of the LM head + cross-entropy when the model
+            returns an ``LMHidden`` (a module always does then); None: the full logits.
     """
-    lora_apply = lora(apply_fn, config)
+    apply_fn = _as_apply_fn(apply_fn, remat, loss_chunk)
 
-    def logits_fn(trainable: dict[str, Any], params: Any, input_ids: jax.Array,
-                  attention_mask: jax.Array, rng: jax.Array | None) -> jax.Array:
-        full = with_leaves(params, trainable["params"])
-        return lora_apply(full, trainable["adapter"], input_ids, attention_mask, lora_rng=rng)
+    def model_loss(params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                   loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return lm_loss(apply_fn(params, input_ids, attention_mask), input_ids, loss_mask,
+                       loss_chunk=loss_chunk)
 
-    if remat is not None:
-        logits_fn = jax.checkpoint(logits_fn, policy=remat_policy(remat))
+    lora_loss = lora(model_loss, config)
 
     def loss(trainable: dict[str, Any], params: Any, batch: dict[str, jax.Array],
              rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        logits = logits_fn(trainable, params, batch["input_ids"], batch["attention_mask"], rng)
-        return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        full = with_leaves(params, trainable["params"])
+        return lora_loss(full, trainable["adapter"], batch["input_ids"], batch["attention_mask"],
+                         batch["loss_mask"], lora_rng=rng)
 
     return loss
 
 
 def remat_policy(name: str) -> Callable[..., Any] | None:
-    """A ``jax.checkpoint_policies`` member by name; ``"full"`` saves nothing.
+    """The ``jax.checkpoint`` policy of a per-layer remat name (None for ``"none"``).
 
     Example:
         >>> import jax
         >>> remat_policy("full") is jax.checkpoint_policies.nothing_saveable
         True
-        >>> remat_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
-        True
+        >>> remat_policy("dots_saveable")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown remat policy 'dots_saveable'; expected one of 'none', 'dots', 'full', 'offload'
+
+    See :func:`lora_jax.models.blocks.remat_policy` for what each keeps.
     """
-    if name in ("full", "nothing_saveable"):
-        return jax.checkpoint_policies.nothing_saveable
-    policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None or name.startswith("_") or name.startswith("save_"):
-        choices = sorted(n for n in dir(jax.checkpoint_policies)
-                         if n.endswith("saveable") and not n.startswith("_"))
-        raise ValueError(f"Unknown remat policy {name!r}; choose 'full' or one of {choices}.")
-    return policy
+    from lora_jax.models.blocks import remat_policy as policy
+
+    return policy(name)
+
+
+def compiler_options(cpu_scheduler: str = DEFAULT_CPU_SCHEDULER,
+                     backend: str | None = None) -> dict[str, Any] | None:
+    """XLA compile options of the steps: XLA:CPU's memory-optimized scheduler, or None.
+
+    Example:
+        >>> compiler_options("memory", backend="cpu")
+        {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+        >>> compiler_options("memory", backend="gpu") is None, compiler_options("concurrency", backend="cpu")
+        (True, None)
+
+    XLA:CPU's default scheduler optimizes for concurrency: it starts independent work
+    early (e.g. every dequantized kernel of a model without remat), keeping its results
+    alive; the memory-optimized one orders the same operations to keep fewer
+    temporaries (the same values, in another order). With per-layer remat the layers'
+    conditionals fix that order already, and the memory-optimized scheduler measured
+    no lower for LoRA and higher for full fine-tuning, so it is not the default.
+    """
+    if cpu_scheduler not in CPU_SCHEDULERS:
+        raise ValueError(f"cpu_scheduler must be one of {CPU_SCHEDULERS}, got {cpu_scheduler!r}.")
+    if (backend or jax.default_backend()) != "cpu" or cpu_scheduler == "concurrency":
+        return None
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 # -- optimizer ------------------------------------------------------------------------------
@@ -295,8 +426,9 @@ def init_state(adapter: dict[str, Any], trainable_params: dict[str, jax.Array],
 
 # -- steps ---------------------------------------------------------------------------------
 
-def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.GradientTransformation,
-                    *, remat: str | None = None, donate: bool = True) -> Callable[..., Any]:
+def make_train_step(apply_fn: ApplyFn | Any, config: LoraConfig, optimizer: optax.GradientTransformation,
+                    *, remat: str | None = None, loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+                    cpu_scheduler: str = DEFAULT_CPU_SCHEDULER, donate: bool = True) -> Callable[..., Any]:
     """A jit-compiled ``step(state, params, batch) -> (state, metrics)``.
 
     ``batch`` arrays have shape ``(grad_accum, B, L)``: the gradient is
@@ -321,8 +453,11 @@ def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.Grad
         >>> state, metrics = step(state, params, batch)
         >>> int(state.step), float(metrics["target_tokens"]), sorted(metrics)
         (1, 3.0, ['grad_norm', 'loss', 'target_tokens', 'tokens'])
+
+    ``apply_fn``, ``remat`` and ``loss_chunk`` are as in :func:`make_loss_fn`;
+    ``cpu_scheduler`` as in :func:`compiler_options`.
     """
-    loss_fn = make_loss_fn(apply_fn, config, remat=remat)
+    loss_fn = make_loss_fn(apply_fn, config, remat=remat, loss_chunk=loss_chunk)
     use_dropout = config.lora_dropout > 0
 
     def step(state: TrainState, params: Any, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -353,10 +488,13 @@ def make_train_step(apply_fn: ApplyFn, config: LoraConfig, optimizer: optax.Grad
         }
         return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return jax.jit(step, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options(cpu_scheduler))
 
 
-def make_eval_step(apply_fn: ApplyFn, config: LoraConfig) -> Callable[..., Any]:
+def make_eval_step(apply_fn: ApplyFn | Any, config: LoraConfig, *,
+                   loss_chunk: int | None = DEFAULT_LOSS_CHUNK,
+                   cpu_scheduler: str = DEFAULT_CPU_SCHEDULER) -> Callable[..., Any]:
     """A jit-compiled ``eval_step(trainable, params, batch) -> (nll_sum, count)`` (no dropout).
 
     ``batch`` arrays have shape ``(1, B, L)`` as from :func:`~lora_jax.train.batches.eval_batches`.
@@ -373,11 +511,14 @@ def make_eval_step(apply_fn: ApplyFn, config: LoraConfig) -> Callable[..., Any]:
         >>> nll, count = make_eval_step(apply_fn, config)(trainable, params, batch)
         >>> round(float(nll / count), 4), float(count)                   # log(3) per predicted token
         (1.0986, 2.0)
+
+    ``apply_fn`` and ``loss_chunk`` are as in :func:`make_loss_fn` (no remat: nothing
+    is differentiated), ``cpu_scheduler`` as in :func:`compiler_options`.
     """
-    loss_fn = make_loss_fn(apply_fn, config)
+    loss_fn = make_loss_fn(apply_fn, config, loss_chunk=loss_chunk)
 
     def eval_step(trainable: dict[str, Any], params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         micro = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
         return loss_fn(trainable, params, micro, None)
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=compiler_options(cpu_scheduler))
