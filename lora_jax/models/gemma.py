@@ -53,11 +53,10 @@ from .layers import (
     empty_kv_cache,
     make_attention_mask,
     next_cache,
-    output_logits,
+    output_head,
     rope_angles,
     rope_inverse_frequencies,
     slots_and_positions,
-    soft_cap,
     split_cache,
 )
 
@@ -377,13 +376,15 @@ class GemmaModel(ConfigModule):
 
     config: GemmaConfig
     scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         cfg = self.config
         self.embed_tokens = self.embed(cfg.vocab_size, cfg.hidden_size, None)
         # Scanned, the stack itself is "layers", and the layer kinds are scanned with it.
         self.layers = layer_stack(GemmaDecoderLayer, cfg, cfg.num_hidden_layers,
-                                  scan=self.scan_layers, num_args=4, scanned_args=[0], **self.kw)
+                                  scan=self.scan_layers, num_args=4, scanned_args=[0],
+                                  remat=self.remat, **self.kw)
         self.norm = self.rms_norm(cfg.rms_norm_eps, None, unit_offset=True)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -430,14 +431,18 @@ class GemmaForCausalLM(ConfigModule):
 
     config: GemmaConfig
     scan_layers: bool = False
+    remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        model = GemmaModel(self.config, scan_layers=self.scan_layers, name="model", **self.kw)
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+                 return_hidden=False):
+        model = GemmaModel(self.config, scan_layers=self.scan_layers, remat=self.remat,
+                           name="model", **self.kw)
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        logits = output_logits(hidden, model.embed_tokens, self.config, **self.kw)
-        logits = soft_cap(logits, self.config.final_logit_softcapping)
-        return logits if cache is None else (logits, new_cache)
+        out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype,
+                          dtype=self.dtype, softcap=self.config.final_logit_softcapping)
+        out = out if return_hidden else out.logits()
+        return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
         """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens (every
@@ -469,7 +474,7 @@ def build(config: dict[str, Any], settings: BuildSettings) -> GemmaForCausalLM:
         True
     """
     return GemmaForCausalLM(GemmaConfig.from_hf(config), scan_layers=settings.scan_layers,
-                            **settings.dtypes)
+                            remat=settings.remat, **settings.dtypes)
 
 
 FAMILY = ModelFamily(

@@ -245,7 +245,8 @@ class GPT2LMHeadModel(ConfigModule):
                  return_hidden=False):
         transformer = GPT2Model(self.config, remat=self.remat, name="transformer", **self.kw)
         hidden, new_cache = transformer(input_ids, attention_mask, positions, cache)
-        out = output_head(hidden, transformer.wte, self.config, param_dtype=self.param_dtype)
+        out = output_head(hidden, transformer.wte, self.config, param_dtype=self.param_dtype,
+                          dtype=self.dtype)
         out = out if return_hidden else out.logits()
         return out if cache is None else (out, new_cache)
 

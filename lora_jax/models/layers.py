@@ -621,16 +621,19 @@ class LMHidden:
         hidden: (batch, seq, dim), in the compute dtype.
         head: (dim, vocab), or (vocab, dim) with ``tied``.
         tied: ``head`` is the embedding table (its transpose is the output projection).
+        softcap: the logits pass through :func:`soft_cap` with this cap (Gemma 2's
+            ``final_logit_softcapping``), or None.
     """
 
     hidden: jax.Array
     head: jax.Array
     tied: bool = dataclasses.field(default=False, metadata={"static": True})
+    softcap: float | None = dataclasses.field(default=None, metadata={"static": True})
 
     def logits(self) -> jax.Array:
         """float32 logits (batch, seq, vocab): exactly what the model returns without
         ``return_hidden`` (see the class example)."""
-        return head_logits(self.hidden, self.head, tied=self.tied)
+        return head_logits(self.hidden, self.head, tied=self.tied, softcap=self.softcap)
 
     def loss(self, labels: jax.Array, weights: jax.Array, *, chunk_size: int | None = 1024) -> jax.Array:
         """``sum(weights * nll(labels))`` through :func:`chunked_lm_loss` (None: the full logits at once).
@@ -643,12 +646,14 @@ class LMHidden:
             6.2383
         """
         return chunked_lm_loss(self.hidden, self.head, labels, weights, tied=self.tied,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, softcap=self.softcap)
 
 
-def head_logits(hidden: jax.Array, head: jax.Array, *, tied: bool) -> jax.Array:
+def head_logits(hidden: jax.Array, head: jax.Array, *, tied: bool,
+                softcap: float | None = None) -> jax.Array:
     """float32 logits of ``hidden`` through an ``lm_head`` kernel (dim, vocab) or, ``tied``,
-    an embedding table (vocab, dim); the head is cast to the hidden states' dtype first.
+    an embedding table (vocab, dim); the head is cast to the hidden states' dtype first,
+    the float32 logits soft-capped if ``softcap`` is given.
 
     The same dot as ``nn.Dense`` / ``nn.Embed.attend``: ``head`` is contracted on its
     ``dim`` axis where it lies, with no transposed copy.
@@ -663,7 +668,7 @@ def head_logits(hidden: jax.Array, head: jax.Array, *, tied: bool) -> jax.Array:
     head = head.astype(hidden.dtype)
     contract = 1 if tied else 0
     logits = jax.lax.dot_general(hidden, head, (((hidden.ndim - 1,), (contract,)), ((), ())))
-    return logits.astype(jnp.float32)
+    return soft_cap(logits.astype(jnp.float32), softcap)
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -681,7 +686,8 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Array, *,
-                    tied: bool = False, chunk_size: int | None = 1024) -> jax.Array:
+                    tied: bool = False, chunk_size: int | None = 1024,
+                    softcap: float | None = None) -> jax.Array:
     """``sum(weights * nll)`` of the LM head's logits, computed ``chunk_size`` tokens at a time.
 
     The (tokens x vocab) float32 logits are never held at once, nor their gradient: a
@@ -709,6 +715,7 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weigh
         tied: ``head`` is an embedding table.
         chunk_size: tokens per chunk; None (or at least the token count) for one chunk.
             The tokens are padded up to whole chunks with zero weights.
+        softcap: soft-cap the logits (see :func:`head_logits`), or None.
 
     Returns:
         float32 scalar: the weighted NLL sum (divide by ``weights.sum()`` for the mean).
@@ -719,7 +726,7 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weigh
     weights = weights.reshape(-1).astype(jnp.float32)
     tokens = rows.shape[0]
     if chunk_size is None or chunk_size >= tokens:
-        return jnp.sum(token_nll(head_logits(rows, head, tied=tied), labels) * weights)
+        return jnp.sum(token_nll(head_logits(rows, head, tied=tied, softcap=softcap), labels) * weights)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     chunks = -(-tokens // chunk_size)
@@ -732,7 +739,8 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weigh
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
                        prevent_cse=False)
     def chunk_loss(head: jax.Array, rows: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-        return jnp.sum(token_nll(head_logits(rows, head, tied=tied), labels) * weights)
+        logits = head_logits(rows, head, tied=tied, softcap=softcap)
+        return jnp.sum(token_nll(logits, labels) * weights)
 
     def step(total: jax.Array, chunk: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         return total + chunk_loss(head, *chunk), None
@@ -755,14 +763,16 @@ class _HeadKernel(nn.Module):
         return self.param("kernel", self.kernel_init, (features, self.vocab_size), self.param_dtype)
 
 
-def output_head(hidden: jax.Array, embedding: nn.Embed, config: Any, *,
-                param_dtype: Dtype) -> LMHidden:
+def output_head(hidden: jax.Array, embedding: nn.Embed, config: Any, *, param_dtype: Dtype,
+                dtype: Dtype | None = None, softcap: float | None = None) -> LMHidden:
     """The :class:`LMHidden` of a causal LM: its last hidden states and its output head.
 
     The head is the ``embedding`` table when ``config.tie_word_embeddings``, else an
     ``lm_head`` kernel (``config.vocab_size`` outputs, init normal(0,
     ``config.initializer_range``); the params of an ``nn.Dense`` without bias) created in
-    the calling module's scope: call it from a compact ``__call__``.
+    the calling module's scope: call it from a compact ``__call__``. ``hidden`` is cast to
+    the compute ``dtype`` if given (as ``nn.Dense`` casts its input); ``softcap`` soft-caps
+    the logits (:class:`LMHidden`).
 
     Example:
         >>> import types, jax, jax.numpy as jnp, flax.linen as nn
@@ -779,11 +789,13 @@ def output_head(hidden: jax.Array, embedding: nn.Embed, config: Any, *,
         >>> out.hidden.shape, out.logits().shape, params["params"]["lm_head"]["kernel"].shape
         ((1, 3, 4), (1, 3, 10), (4, 10))
     """
+    if dtype is not None:
+        hidden = hidden.astype(dtype)
     if config.tie_word_embeddings:
-        return LMHidden(hidden, embedding.embedding, tied=True)
+        return LMHidden(hidden, embedding.embedding, tied=True, softcap=softcap)
     kernel = _HeadKernel(config.vocab_size, dense_init(config.initializer_range), param_dtype,
                          name="lm_head")(hidden.shape[-1])
-    return LMHidden(hidden, kernel, tied=False)
+    return LMHidden(hidden, kernel, tied=False, softcap=softcap)
 
 
 def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype: Dtype,
@@ -811,4 +823,4 @@ def output_logits(hidden: jax.Array, embedding: nn.Embed, config: Any, *, dtype:
         >>> logits.shape, params["params"]["lm_head"]["kernel"].shape
         ((1, 3, 10), (4, 10))
     """
-    return output_head(hidden.astype(dtype), embedding, config, param_dtype=param_dtype).logits()
+    return output_head(hidden, embedding, config, param_dtype=param_dtype, dtype=dtype).logits()

@@ -390,7 +390,8 @@ class LlamaForCausalLM(nn.Module):
             remat=self.remat, name="model",
         )
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype)
+        out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype,
+                          dtype=self.dtype)
         out = out if return_hidden else out.logits()
         return out if cache is None else (out, new_cache)
 

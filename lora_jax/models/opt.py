@@ -43,7 +43,7 @@ from .layers import (
     empty_kv_cache,
     make_attention_mask,
     next_cache,
-    output_logits,
+    output_head,
     slots_and_positions,
     split_cache,
 )
@@ -246,6 +246,7 @@ class OPTDecoder(ConfigModule):
 
     config: OPTConfig
     scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         cfg = self.config
@@ -256,7 +257,7 @@ class OPTDecoder(ConfigModule):
             self.project_in = self.dense(cfg.hidden_size, None, use_bias=False)
             self.project_out = self.dense(cfg.word_embed_proj_dim, None, use_bias=False)
         self.layers = layer_stack(OPTDecoderLayer, cfg, cfg.num_hidden_layers,
-                                  scan=self.scan_layers, num_args=2, **self.kw)
+                                  scan=self.scan_layers, num_args=2, remat=self.remat, **self.kw)
         if cfg.final_layer_norm:
             self.final_layer_norm = self.layer_norm(_LAYER_NORM_EPS, None,
                                                     cfg.layer_norm_elementwise_affine)
@@ -300,9 +301,11 @@ class OPTModel(ConfigModule):
 
     config: OPTConfig
     scan_layers: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
-        self.decoder = OPTDecoder(self.config, scan_layers=self.scan_layers, **self.kw)
+        self.decoder = OPTDecoder(self.config, scan_layers=self.scan_layers, remat=self.remat,
+                                  **self.kw)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         return self.decoder(input_ids, attention_mask, positions, cache)
@@ -326,13 +329,18 @@ class OPTForCausalLM(ConfigModule):
 
     config: OPTConfig
     scan_layers: bool = False
+    remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-        model = OPTModel(self.config, scan_layers=self.scan_layers, name="model", **self.kw)
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+                 return_hidden=False):
+        model = OPTModel(self.config, scan_layers=self.scan_layers, remat=self.remat, name="model",
+                         **self.kw)
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
-        logits = output_logits(hidden, model.decoder.embed_tokens, self.config, **self.kw)
-        return logits if cache is None else (logits, new_cache)
+        out = output_head(hidden, model.decoder.embed_tokens, self.config,
+                          param_dtype=self.param_dtype, dtype=self.dtype)
+        out = out if return_hidden else out.logits()
+        return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
         """A zeroed KV cache for ``batch_size`` rows of up to ``max_length`` tokens.
@@ -361,7 +369,7 @@ def build(config: dict[str, Any], settings: BuildSettings) -> OPTForCausalLM:
         True
     """
     return OPTForCausalLM(OPTConfig.from_hf(config), scan_layers=settings.scan_layers,
-                          **settings.dtypes)
+                          remat=settings.remat, **settings.dtypes)
 
 
 FAMILY = ModelFamily(

@@ -162,7 +162,8 @@ def build(config: dict[str, Any], settings: BuildSettings) -> Phi3ForCausalLM:
         ...     "partial_rotary_factor": 0.5}, BuildSettings()).config.rope
         (('partial_rotary_factor', 0.5), ('rope_theta', 10000.0), ('rope_type', 'default'))
     """
-    return Phi3ForCausalLM(Phi3Config.from_hf(config), settings.scan_layers, **settings.dtypes)
+    return Phi3ForCausalLM(Phi3Config.from_hf(config), settings.scan_layers, remat=settings.remat,
+                           **settings.dtypes)
 
 
 FAMILY = ModelFamily(

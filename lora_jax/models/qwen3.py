@@ -105,7 +105,8 @@ def build(config: dict[str, Any], settings: BuildSettings) -> Qwen3ForCausalLM:
         ...     BuildSettings()).config.head_dim
         128
     """
-    return Qwen3ForCausalLM(Qwen3Config.from_hf(config), settings.scan_layers, **settings.dtypes)
+    return Qwen3ForCausalLM(Qwen3Config.from_hf(config), settings.scan_layers, remat=settings.remat,
+                            **settings.dtypes)
 
 
 FAMILY = ModelFamily(

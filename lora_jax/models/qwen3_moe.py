@@ -251,7 +251,7 @@ def build(config: dict[str, Any], settings: BuildSettings) -> Qwen3MoeForCausalL
         (True, True)
     """
     return Qwen3MoeForCausalLM(Qwen3MoeConfig.from_hf(config), settings.scan_layers,
-                               **settings.dtypes)
+                               remat=settings.remat, **settings.dtypes)
 
 
 FAMILY = ModelFamily(

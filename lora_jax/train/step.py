@@ -191,7 +191,7 @@ def lm_loss(output: Any, input_ids: jax.Array, loss_mask: jax.Array, *,
     targets = jnp.pad(input_ids[..., 1:], [(0, 0)] * (input_ids.ndim - 1) + [(0, 1)])
     weights = jnp.pad(loss_mask[..., 1:].astype(jnp.float32), [(0, 0)] * (loss_mask.ndim - 1) + [(0, 1)])
     nll = chunked_lm_loss(output.hidden, output.head, targets, weights, tied=output.tied,
-                          chunk_size=loss_chunk)
+                          chunk_size=loss_chunk, softcap=output.softcap)
     return nll, jnp.sum(weights)
 
 
