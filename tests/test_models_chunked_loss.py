@@ -14,6 +14,7 @@ import pytest
 import lora_jax
 from lora_jax import models
 from lora_jax.models import LMHidden, chunked_lm_loss
+from lora_jax.train.step import DEFAULT_LOSS_CHUNK
 
 VOCAB, DIM = 11, 8
 
@@ -144,3 +145,21 @@ def test_chunks_lower_the_compiled_memory_of_the_gradient():
     logits_bytes = tokens * vocab * 4
     assert temps(None) >= logits_bytes  # the full logits (and their gradient) at once
     assert temps(64) < 0.3 * logits_bytes  # one chunk: its logits and their gradient (2 x 1/8)
+
+
+@pytest.mark.parametrize("hf", [dict(LLAMA, tie_word_embeddings=True),
+                                dict(model_type="gemma2", hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=8, vocab_size=50, final_logit_softcapping=3.0)],
+                         ids=["llama", "gemma2-softcapped"])
+def test_labels_give_the_next_token_loss_of_the_logits(hf):
+    model = models.from_config(hf)
+    labels = IDS.at[0, :4].set(-100)  # the prompt of row 0 is not a target
+    apply = jax.jit(lambda p, **kw: model.module.apply({"params": p}, IDS, **kw))
+    nll, count = apply(model.params, labels=labels)
+    logits = apply(model.params)[:, :-1]
+    targets, weights = labels[:, 1:], labels[:, 1:] != -100
+    expected = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(weights, targets, 0))
+    assert count == weights.sum() == 13
+    np.testing.assert_allclose(nll, jnp.sum(expected * weights), rtol=1e-6)
+    assert models.layers.LOSS_CHUNK == DEFAULT_LOSS_CHUNK  # labels= and lora_jax.train chunk alike

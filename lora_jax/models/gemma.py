@@ -50,6 +50,7 @@ from .layers import (
     SUPPORTED_ROPE_TYPES,
     Dtype,
     activation,
+    causal_lm_output,
     empty_kv_cache,
     make_attention_mask,
     next_cache,
@@ -435,13 +436,13 @@ class GemmaForCausalLM(ConfigModule):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 return_hidden=False):
+                 return_hidden=False, labels=None):
         model = GemmaModel(self.config, scan_layers=self.scan_layers, remat=self.remat,
                            name="model", **self.kw)
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
         out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype,
                           dtype=self.dtype, softcap=self.config.final_logit_softcapping)
-        out = out if return_hidden else out.logits()
+        out = causal_lm_output(out, return_hidden=return_hidden, labels=labels)
         return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:

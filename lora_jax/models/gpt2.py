@@ -32,6 +32,7 @@ from .family import BuildSettings, ConfigReader, ModelFamily
 from .layers import (
     Dtype,
     attend,
+    causal_lm_output,
     causal_mask,
     empty_kv_cache,
     make_attention_mask,
@@ -242,12 +243,12 @@ class GPT2LMHeadModel(ConfigModule):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 return_hidden=False):
+                 return_hidden=False, labels=None):
         transformer = GPT2Model(self.config, remat=self.remat, name="transformer", **self.kw)
         hidden, new_cache = transformer(input_ids, attention_mask, positions, cache)
         out = output_head(hidden, transformer.wte, self.config, param_dtype=self.param_dtype,
                           dtype=self.dtype)
-        out = out if return_hidden else out.logits()
+        out = causal_lm_output(out, return_hidden=return_hidden, labels=labels)
         return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:

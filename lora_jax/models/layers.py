@@ -751,6 +751,55 @@ def chunked_lm_loss(hidden: jax.Array, head: jax.Array, labels: jax.Array, weigh
     return total
 
 
+# Labels equal to this are not targets (transformers' ``ignore_index``), and the tokens per
+# chunk of the loss a causal LM computes for ``labels=`` (lora_jax.train's default too).
+IGNORE_INDEX = -100
+LOSS_CHUNK = 128
+
+
+def labels_loss(out: LMHidden, labels: jax.Array, *,
+                chunk_size: int | None = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """``(nll_sum, target_count)`` of next-token prediction, as transformers' ``labels=``.
+
+    Position ``t`` predicts ``labels[..., t + 1]``; labels equal to ``IGNORE_INDEX`` (-100)
+    are not targets (prompt tokens, padding). The logits are computed ``chunk_size`` tokens
+    at a time (:func:`chunked_lm_loss`); divide for the mean.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import LMHidden, labels_loss
+        >>> out = LMHidden(jnp.zeros((1, 4, 2)), jnp.zeros((2, 8)))       # uniform over 8 tokens
+        >>> nll, count = labels_loss(out, jnp.array([[5, -100, 3, 4]]))   # targets 3 and 4
+        >>> round(float(nll / count), 4), int(count)                      # log(8)
+        (2.0794, 2)
+    """
+    targets = labels[..., 1:].astype(jnp.int32)
+    weights = (targets != IGNORE_INDEX).astype(jnp.float32)
+    targets = jnp.where(targets == IGNORE_INDEX, 0, targets)
+    # Shift by padding the targets, not slicing the hidden states: the last position predicts nothing.
+    pad = [(0, 0)] * (targets.ndim - 1) + [(0, 1)]
+    nll = chunked_lm_loss(out.hidden, out.head, jnp.pad(targets, pad), jnp.pad(weights, pad), tied=out.tied,
+                          chunk_size=chunk_size, softcap=out.softcap)
+    return nll, jnp.sum(weights)
+
+
+def causal_lm_output(out: LMHidden, *, return_hidden: bool = False,
+                     labels: jax.Array | None = None) -> Any:
+    """What a causal LM's ``__call__`` returns: the loss with ``labels``, ``out`` itself with
+    ``return_hidden``, else the float32 logits.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.models.layers import LMHidden, causal_lm_output
+        >>> out = LMHidden(jnp.zeros((1, 3, 2)), jnp.zeros((2, 5)))
+        >>> causal_lm_output(out).shape, type(causal_lm_output(out, return_hidden=True)).__name__
+        ((1, 3, 5), 'LMHidden')
+    """
+    if labels is not None:
+        return labels_loss(out, labels)
+    return out if return_hidden else out.logits()
+
+
 class _HeadKernel(nn.Module):
     """The ``kernel`` (in, vocab) param of an untied ``lm_head``, as ``nn.Dense`` stores it."""
 

@@ -40,6 +40,7 @@ from .layers import (
     SUPPORTED_ROPE_TYPES,
     Dtype,
     RMSNorm,
+    causal_lm_output,
     causal_mask,
     dense_init,
     empty_kv_cache,
@@ -358,6 +359,9 @@ class LlamaForCausalLM(nn.Module):
         return_hidden: return an :class:`~lora_jax.models.layers.LMHidden` (final hidden
             states and the head's params leaf) instead of the logits, for a loss that
             computes them chunk by chunk (:func:`~lora_jax.models.chunked_lm_loss`).
+        labels: (batch, seq) token ids, -100 where not a target: then the call returns
+            ``(nll_sum, target_count)`` of next-token prediction, its logits computed 128
+            tokens at a time (:func:`~lora_jax.models.layers.labels_loss`).
 
     Fields ``scan_layers`` (one ``nn.scan``-ed layer) and ``remat`` (per-layer
     rematerialisation, see :func:`~lora_jax.models.blocks.remat_policy`) change how the
@@ -384,7 +388,7 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 return_hidden=False):
+                 return_hidden=False, labels=None):
         model = self.base_model(
             self.config, self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
             remat=self.remat, name="model",
@@ -392,7 +396,7 @@ class LlamaForCausalLM(nn.Module):
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
         out = output_head(hidden, model.embed_tokens, self.config, param_dtype=self.param_dtype,
                           dtype=self.dtype)
-        out = out if return_hidden else out.logits()
+        out = causal_lm_output(out, return_hidden=return_hidden, labels=labels)
         return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:

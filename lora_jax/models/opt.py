@@ -40,6 +40,7 @@ from .family import BuildSettings, ConfigReader, ModelFamily
 from .layers import (
     Dtype,
     activation,
+    causal_lm_output,
     empty_kv_cache,
     make_attention_mask,
     next_cache,
@@ -333,13 +334,13 @@ class OPTForCausalLM(ConfigModule):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-                 return_hidden=False):
+                 return_hidden=False, labels=None):
         model = OPTModel(self.config, scan_layers=self.scan_layers, remat=self.remat, name="model",
                          **self.kw)
         hidden, new_cache = model(input_ids, attention_mask, positions, cache)
         out = output_head(hidden, model.decoder.embed_tokens, self.config,
                           param_dtype=self.param_dtype, dtype=self.dtype)
-        out = out if return_hidden else out.logits()
+        out = causal_lm_output(out, return_hidden=return_hidden, labels=labels)
         return out if cache is None else (out, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype = None) -> dict:
