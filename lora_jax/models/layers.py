@@ -835,7 +835,8 @@ def output_head(hidden: jax.Array, embedding: nn.Embed, config: Any, *, param_dt
         ...         return output_head(embedding(x), embedding, config, param_dtype=jnp.float32)
         >>> out, params = jax.eval_shape(Head().init_with_output, jax.random.key(0),
         ...                              jnp.zeros((1, 3), int))
-        >>> out.hidden.shape, out.logits().shape, params["params"]["lm_head"]["kernel"].shape
+        >>> logits = jax.eval_shape(lambda out: out.logits(), out)
+        >>> out.hidden.shape, logits.shape, params["params"]["lm_head"]["kernel"].shape
         ((1, 3, 4), (1, 3, 10), (4, 10))
     """
     if dtype is not None:
