@@ -287,12 +287,13 @@ def _add_generate(commands: Any) -> None:
     p.add_argument("--temperature", type=types["temperature"], default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=types["top_p"], default=1.0, help="nucleus sampling, in (0, 1]")
     p.add_argument("--seed", type=types["seed"], default=0)
+    _add_quantize_arguments(p, "generate with the weights a QLoRA adapter was trained on")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``lora-jax generate``: replies of the base model, with an adapter, or both."""
-    from lora_jax.train import load_adapter, load_model, load_tokenizer
+    from lora_jax.train import load_adapter, load_tokenizer
     from lora_jax.train.adapter_files import resolve_base_model
     from lora_jax.train.generation import TextGenerator
 
@@ -300,7 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(named) > 1 or args.use:
         return _generate_mixed(args, named)
     adapter_dir = next(iter(named.values()), None)
-    model = load_model(resolve_base_model(args.model, adapter_dir))
+    model = _quantized_model(resolve_base_model(args.model, adapter_dir), args)
     tokenizer = load_tokenizer(model)
     prompts = _prompts(args)
     options = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -360,7 +361,7 @@ def _generate_mixed(args: argparse.Namespace, named: dict[str, Path]) -> int:
     for use in uses:
         if use not in known:
             raise CliError(f"--use {use!r}: no such adapter; the adapters are {', '.join(known)}.")
-    model = load_model(resolve_base_model(args.model, next(iter(named.values()))))
+    model = _quantized_model(resolve_base_model(args.model, next(iter(named.values()))), args)
     tokenizer = load_tokenizer(model)
     prompts = _prompts(args)
     if uses and len(uses) not in (1, len(prompts)):
@@ -415,7 +416,42 @@ def _add_merge(commands: Any) -> None:
     p.add_argument("--output", required=True, help="directory for config.json, model.safetensors, tokenizer")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--overwrite", action="store_true", help="replace a previous `lora-jax merge` output")
+    _add_quantize_arguments(p, "the base as it was trained (QLoRA): merged into its dequantized weights")
+    p.add_argument("--requantize", choices=_quantize_schemes()[:-1],
+                   help="quantize the merged kernels again and write their values (warns with the error added)")
     p.set_defaults(func=cmd_merge)
+
+
+def _quantize_schemes() -> tuple[str, ...]:
+    from lora_jax.train.kbit import SCHEMES
+
+    return SCHEMES
+
+
+def _add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quantize", choices=_quantize_schemes(), help=f"quantize the base: {what}")
+    p.add_argument("--double-quant", action="store_true", help="with --quantize nf4/fp4: double quantization")
+
+
+def _quantized_model(path: Any, args: argparse.Namespace) -> Any:
+    """The model at ``path``, quantized as ``--quantize`` / ``--double-quant`` say (checked first)."""
+    from lora_jax.train import load_model
+    from lora_jax.train.kbit import quant_config
+
+    if args.double_quant and not args.quantize:
+        raise CliError("--double-quant needs --quantize nf4 or --quantize fp4.")
+    if not args.quantize:
+        return load_model(path)
+    try:
+        config = quant_config(args.quantize, double_quant=args.double_quant)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    from lora_jax.models import QuantizeError
+
+    try:
+        return load_model(path, quantize=config)
+    except QuantizeError as err:
+        raise CliError(f"--quantize {args.quantize}: {' '.join(str(err).split())}") from None
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -423,21 +459,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from lora_jax import merge
-    from lora_jax.train import OutputDir, load_adapter, load_model, load_tokenizer, with_leaves
+    from lora_jax.train import OutputDir, load_adapter, load_tokenizer, with_leaves
     from lora_jax.train.adapter_files import resolve_base_model
 
     adapter_dir = Path(args.adapter)
     output = OutputDir(args.output, "merge")
     output.check(overwrite=args.overwrite)
     _check_adapter_dir(adapter_dir)
-    model = load_model(resolve_base_model(args.model, adapter_dir))
+    model = _quantized_model(resolve_base_model(args.model, adapter_dir), args)
     adapter, config, trainable = load_adapter(adapter_dir, model.params)
     params = with_leaves(model.params, trainable)
     output.claim(overwrite=args.overwrite)
     export = _optional_module("lora_jax.export")
     if export is not None and hasattr(export, "save_merged"):
         path = export.save_merged(output.path, model, adapter, config, params=params, dtype=jnp.dtype(args.dtype),
-                                  overwrite=True)
+                                  overwrite=True, requantize=args.requantize)
     else:
         from lora_jax import models
         from lora_jax.train import cast_floating
@@ -610,6 +646,7 @@ def _add_info(commands: Any) -> None:
     p.add_argument("--modules-to-save")
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--all-modules", action="store_true", help="also list every module with a kernel")
+    _add_quantize_arguments(p, "report the base's bytes before and after")
     p.set_defaults(func=cmd_info)
 
 
@@ -618,7 +655,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
     from lora_jax import LoraConfig, count_parameters, find_targets, init
-    from lora_jax.train import load_adapter, load_model
+    from lora_jax.train import load_adapter
     from lora_jax.train.adapter_files import resolve_base_model
     from lora_jax.train.settings import parse_targets
 
@@ -627,9 +664,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         model = tiny_model(384)
         name = "tiny random Llama"
+        if args.quantize:
+            model.params = _quantize_tiny(model.params, args)
     else:
         path = resolve_base_model(args.model, Path(args.adapter) if args.adapter else None)
-        model = load_model(path)
+        model = _quantized_model(path, args)
         name = str(path)
     if args.adapter:
         _, config, _ = load_adapter(Path(args.adapter), model.params)
@@ -637,6 +676,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=parse_targets(args.target_modules),
                             use_rslora=args.rslora, modules_to_save=parse_targets(args.modules_to_save))
     print(f"model: {name} ({model.config.get('model_type')}, {_num_params(model.params):,d} params)")
+    print(_bytes_line(model.params, args.quantize))
     if args.all_modules:
         from lora_jax import module_names
 
@@ -657,7 +697,44 @@ def _num_params(params: Any) -> int:
     import jax
     import numpy as np
 
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    from lora_jax.quantize import is_quantized
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+
+
+def _quantize_tiny(params: Any, args: argparse.Namespace) -> Any:
+    from lora_jax.quantize import quantize
+    from lora_jax.train.kbit import quant_config
+
+    if args.quantize == "gguf":
+        raise CliError("--quantize gguf keeps a .gguf model's own blocks; --tiny is not a .gguf model.")
+    try:
+        return quantize(params, quant_config(args.quantize, double_quant=args.double_quant))
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _bytes_line(params: Any, scheme: str | None) -> str:
+    """``base weights: 513.2 MiB`` (+ `` -> 171.4 MiB quantized ...`` for a quantized base).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.quantize import quantize
+        >>> params = {"up": {"kernel": jnp.ones((256, 1024))}, "norm": {"scale": jnp.ones(1024)}}
+        >>> _bytes_line(params, None)
+        'base weights: 1.00 MiB'
+        >>> _bytes_line(quantize(params, "nf4"), "nf4")
+        'base weights: 1.00 MiB -> 0.15 MiB with --quantize nf4 (1 kernels at 0.5625 bytes/param, 0.14x)'
+    """
+    from lora_jax.quantize import quantized_bytes
+
+    report = quantized_bytes(params)
+    line = f"base weights: {report['before'] / 2**20:.2f} MiB"
+    if scheme:
+        line += (f" -> {report['after'] / 2**20:.2f} MiB with --quantize {scheme} ({report['quantized_leaves']} "
+                 f"kernels at {report['bytes_per_quantized_param']:.4f} bytes/param, "
+                 f"{report['after'] / report['before']:.2f}x)")
+    return line
 
 
 def _print_targets(params: Any, config: Any) -> None:

@@ -393,13 +393,14 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
             return config.bias == "all" or module_name in targeted
         return False
 
-    return jax.tree_util.tree_map_with_path(is_trainable, params)
+    # A quantized kernel is one (frozen) leaf, not its packed codes and scales.
+    return jax.tree_util.tree_map_with_path(is_trainable, params, is_leaf=is_quantized)
 
 
 def partition(tree: Any, mask: Any) -> tuple[Any, Any]:
     """Split ``tree`` by a bool ``mask`` into ``(selected, rest)``, ``None`` elsewhere."""
-    selected = jax.tree.map(lambda x, m: x if m else None, tree, mask)
-    rest = jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    selected = jax.tree.map(lambda x, m: x if m else None, tree, mask, is_leaf=is_quantized)
+    rest = jax.tree.map(lambda x, m: None if m else x, tree, mask, is_leaf=is_quantized)
     return selected, rest
 
 
@@ -408,7 +409,7 @@ def combine(*trees: Any) -> Any:
     def first(*leaves: Any) -> Any:
         return next((leaf for leaf in leaves if leaf is not None), None)
 
-    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None or is_quantized(x))
 
 
 # -- counting ------------------------------------------------------------------------

@@ -38,8 +38,8 @@ Hugging Face checkpoint).
 
 from .bert import BertConfig, BertForSequenceClassification, BertModel, BertModelOutput
 from .blocks import REMAT_POLICIES, remat_policy
-from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
-from .export import save_merged
+from .errors import MissingTensorError, ModelLoadError, QuantizeError, UnsupportedModelError
+from .export import RequantizeWarning, save_merged
 from .gemma import GemmaConfig, GemmaForCausalLM
 from .generation import generate, sample_logits
 from .gguf import read_gguf
@@ -78,6 +78,8 @@ __all__ = [
     "OPTConfig",
     "OPTForCausalLM",
     "REMAT_POLICIES",
+    "QuantizeError",
+    "RequantizeWarning",
     "build_module",
     "chunked_lm_loss",
     "config_to_dict",

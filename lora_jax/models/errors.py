@@ -40,3 +40,13 @@ class UnsupportedModelError(ModelLoadError, NotImplementedError):
         >>> issubclass(UnsupportedModelError, NotImplementedError)
         True
     """
+
+
+class QuantizeError(ModelLoadError):
+    """The model's kernels cannot be quantized as asked (``from_pretrained(..., quantize=)``).
+
+    Example:
+        >>> from lora_jax.models.errors import QuantizeError
+        >>> issubclass(QuantizeError, ValueError)
+        True
+    """

@@ -3,7 +3,9 @@
 Only the tensor names and the config are translated here; turning them into a params
 tree is the same code path as for safetensors (see ``loading.py``). Quantised tensors
 (Q4_1, Q8_0, ...) are dequantised to float32 with ``gguf.quants.dequantize`` when first
-asked for, so a big file is never fully expanded in memory at once.
+asked for, so a big file is never fully expanded in memory at once; or, for a loader
+asked to keep them (``from_pretrained(path, quantize="gguf")``), a Q8_0 / Q4_0 / Q4_1
+linear weight is handed over as its blocks (:meth:`GGUFTensors.get_blocks`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,58 @@ class GGUFTensors:
                 f"cannot be read as {name!r}: {type(err).__name__}: {err}"
             ) from None
         return array
+
+
+    # GGUF block types a linear kernel can keep as its quantized frozen base (lora_jax.quantize).
+    KEPT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+    def type_name(self, name: str) -> str:
+        """The GGUF type of tensor ``name`` ("Q4_1", "F32", ...)."""
+        return self._reader_tensors[name].tensor_type.name
+
+    def get_blocks(self, name: str, dtype: Any = np.float32) -> Any:
+        """Tensor ``name`` as its GGUF blocks, a quantized Flax kernel ``(in, out)``; None
+        unless it is a 2-D Q8_0 / Q4_0 / Q4_1 tensor (see :data:`KEPT_TYPES`).
+
+        The blocks are the file's bytes; Q/K rows are reordered exactly as :meth:`get`
+        reorders the dequantized rows, so ``get_blocks(name).dequantize()`` equals
+        ``get(name).T`` bit for bit.
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> import gguf, numpy as np
+            >>> from lora_jax.models.gguf import GGUFTensors
+            >>> path = str(pathlib.Path(tempfile.mkdtemp()) / "tiny.gguf")
+            >>> writer = gguf.GGUFWriter(path, "llama")
+            >>> weight = np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64)   # (out, in)
+            >>> blocks = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+            >>> writer.add_tensor("blk.0.ffn_up.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            >>> writer.write_header_to_file(); writer.write_kv_data_to_file()
+            >>> writer.write_tensors_to_file(); writer.close()
+            >>> tensors = GGUFTensors(gguf.GGUFReader(path), {}, rotary_permuted=False)
+            >>> name = "model.layers.0.mlp.up_proj.weight"
+            >>> kernel = tensors.get_blocks(name)
+            >>> kernel
+            Q8_0Array(shape=(64, 4), dtype=float32, nbytes=272)
+            >>> bool((np.asarray(kernel.dequantize()) == tensors.get(name).T).all())
+            True
+        """
+        from lora_jax.quantize import from_gguf_tensor
+
+        tensor = self._reader_tensors[name]
+        if tensor.tensor_type.name not in self.KEPT_TYPES or len(tensor.shape) != 2:
+            return None
+        rows = None
+        if self._rotary_permuted and (".q_proj." in name or ".k_proj." in name):
+            heads_key = "num_attention_heads" if ".q_proj." in name else "num_key_value_heads"
+            rows = unpermute_rotary_rows(np.arange(int(tensor.shape[1])), self._config[heads_key])
+        try:
+            return from_gguf_tensor(tensor, rows=rows, dtype=dtype)
+        except (ValueError, KeyError) as err:
+            raise ModelLoadError(
+                f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}, GGUF shape "
+                f"{tuple(tensor.shape.tolist())}) cannot be kept quantized as {name!r}: {err}"
+            ) from None
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

@@ -28,11 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from lora_jax.quantize import QuantConfig, dequantize, quantize_array, select_kernels
+from lora_jax.quantize import stack as stack_quantized
+
 from . import bert, gemma, gpt2, llama, opt, phi3, qwen3, qwen3_moe
 from .blocks import remat_policy
-from .errors import MissingTensorError, ModelLoadError, UnsupportedModelError
+from .errors import MissingTensorError, ModelLoadError, QuantizeError, UnsupportedModelError
 from .family import PARAMETER_LEAF, BuildSettings, ModelFamily, ParamPath
-from .gguf import read_gguf
+from .gguf import GGUFTensors, read_gguf
 from .hf_files import SafetensorsCheckpoint, checkpoint_files, read_json_object, refuse_remote_code
 from .layers import Dtype
 
@@ -111,7 +114,11 @@ class Model:
 def _jitted_apply(module: nn.Module) -> Callable[..., Any]:
     # Op-by-op (eager) apply compiles every primitive separately: seconds even for tiny
     # models. One jit per module (modules are hashable) is much faster.
-    return jax.jit(module.apply)
+    # A quantized model (``from_pretrained(..., quantize=)``) is dequantized inside the call.
+    def apply(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        return module.apply(dequantize(variables), *args, **kwargs)
+
+    return jax.jit(apply)
 
 
 # --------------------------------------------------------------------------- configs
@@ -286,15 +293,18 @@ def _load_params(
     checkpoint: Any,
     dtype: Dtype,
     source: str,
+    quantize: QuantConfig | str | None = None,
 ) -> Params:
     """Params for ``module`` filled from ``checkpoint`` (``keys()``, ``get(name)`` in
     torch layout and ``describe(name)`` for errors), with every shape checked against
-    what the module expects."""
+    what the module expects; the kernels ``quantize`` selects are quantized as read."""
     expected = jax.eval_shape(lambda: module.init(jax.random.key(0), *family.dummy_inputs()))[
         "params"
     ]
     available = set(checkpoint.keys())
     used: set[str] = set()
+    scan = family.scan_node
+    quantized = _quantized_paths(expected, quantize, scan, source)
 
     def read(name: str, torch_shape: tuple[int, ...], path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
         used.add(name)
@@ -336,15 +346,55 @@ def _load_params(
                                  for group in pieces], axis=1)
         return layout(joined)
 
-    flat: dict[ParamPath, jax.Array] = {}
-    scan = family.scan_node
+    def fetch_blocks(path: ParamPath, shape: tuple[int, ...]) -> Any:
+        """The GGUF blocks of a kernel (None when its type is not kept), shape-checked."""
+        found = find(_hf_name(path))
+        if found is None:
+            return None  # fetch() names what is missing
+        used.add(found)
+        blocks = checkpoint.get_blocks(found, dtype)
+        if blocks is not None and tuple(blocks.shape) != tuple(shape):
+            raise ModelLoadError(
+                f"{source}: tensor {checkpoint.describe(found)} holds a kernel of shape "
+                f"{tuple(blocks.shape)}, expected {tuple(shape)} (param {'.'.join(path)})"
+            )
+        return blocks
+
+    def fetch_quantized(path: ParamPath, shape: tuple[int, ...]) -> Any:
+        if quantize == "gguf":
+            return fetch_blocks(path, shape)
+        config = quantize if isinstance(quantize, QuantConfig) else QuantConfig(quantize)
+        array = fetch(path, shape)
+        try:
+            leaf = quantize_array(array, config.scheme, blocksize=config.blocksize,
+                                  double_quant=config.double_quant,
+                                  num_in=config.num_in(".".join(path[:-1]), path[-1]),
+                                  name=".".join(path))
+        except ValueError as err:
+            raise QuantizeError(f"{source}: cannot quantize tensor {_hf_name(path)!r} as {config.scheme}: "
+                                f"{err}") from None
+        # Quantized from the file's values; dequantizes to the param dtype, as a plain
+        # kernel would be stored.
+        return dataclasses.replace(leaf, dtype=np.dtype(dtype))
+
+    flat: dict[ParamPath, Any] = {}
+    kept_float: list[str] = []
     for path, spec in flatten_dict(expected).items():
-        if scan is not None and path[: len(scan)] == scan and not path[len(scan)].isdigit():
-            rest = path[len(scan) :]
-            layers = [fetch((*scan, str(i), *rest), spec.shape[1:]) for i in range(spec.shape[0])]
-            flat[path] = jnp.asarray(np.stack(layers), dtype=dtype)
-        else:
-            flat[path] = jnp.asarray(fetch(path, spec.shape), dtype=dtype)
+        stacked = scan is not None and path[: len(scan)] == scan and not path[len(scan)].isdigit()
+        layer_paths = ([(*scan, str(i), *path[len(scan):]) for i in range(spec.shape[0])]
+                       if stacked else [path])
+        shape = spec.shape[1:] if stacked else spec.shape
+        if path in quantized:
+            leaves = [fetch_quantized(p, shape) for p in layer_paths]
+            same = len({type(leaf) for leaf in leaves}) == 1
+            if all(leaf is not None for leaf in leaves) and same:
+                flat[path] = stack_quantized(leaves) if stacked else leaves[0]
+                continue
+            kept_float.append(".".join(path))  # a GGUF type that is not kept: as float below
+        layers = [fetch(p, shape) for p in layer_paths]
+        flat[path] = jnp.asarray(np.stack(layers) if stacked else layers[0], dtype=dtype)
+    if quantize == "gguf":
+        _check_gguf_kept(source, checkpoint, quantized, kept_float)
 
     unexpected = sorted(n for n in available - used if not family.ignored.fullmatch(n))
     if unexpected:
@@ -354,6 +404,44 @@ def _load_params(
             stacklevel=3,
         )
     return unflatten_dict(flat)
+
+
+def _quantized_paths(expected: Any, quantize: QuantConfig | str | None, scan: ParamPath | None,
+                     source: str) -> set[ParamPath]:
+    """The param paths of the kernels ``quantize`` selects (``"gguf"``: the default selection)."""
+    if quantize is None:
+        return set()
+    config = QuantConfig() if quantize == "gguf" else quantize
+    if isinstance(config, str):
+        config = QuantConfig(config)
+    if scan is not None and config.stacked_modules is None:
+        # Scanned layers are quantized one layer at a time here; selection sees them as modules.
+        config = dataclasses.replace(config, stacked_modules=r"(?!)")
+    try:
+        paths = select_kernels(expected, config)
+    except ValueError as err:
+        raise QuantizeError(f"{source}: cannot quantize this model's kernels: {err}") from None
+    return {tuple(getattr(k, "key", getattr(k, "name", None)) for k in path) for path in paths}
+
+
+def _check_gguf_kept(source: str, checkpoint: Any, quantized: set[ParamPath],
+                     kept_float: list[str]) -> None:
+    if not isinstance(checkpoint, GGUFTensors):
+        raise QuantizeError(f"{source}: quantize='gguf' keeps a GGUF file's quantized blocks; this "
+                             "model is not a .gguf file (use quantize='nf4', 'int8', ... instead)")
+    if kept_float and len(kept_float) == len(quantized):
+        raise QuantizeError(
+            f"{source}: quantize='gguf' found no linear kernel stored as "
+            f"{' / '.join(GGUFTensors.KEPT_TYPES)} (e.g. {kept_float[0]} is not): nothing to keep "
+            "quantized; load without quantize= (or with quantize='nf4') instead"
+        )
+    if kept_float:
+        warnings.warn(
+            f"{source}: {len(kept_float)} kernels are not stored as "
+            f"{' / '.join(GGUFTensors.KEPT_TYPES)} in every layer and are dequantized instead: "
+            f"{kept_float[:4]}{' ...' if len(kept_float) > 4 else ''}",
+            stacklevel=4,
+        )
 
 
 def _find_gguf(path: Path) -> Path | None:
@@ -374,6 +462,7 @@ def from_pretrained(
     scan_layers: bool = False,
     architecture: str | None = None,
     remat: str = "none",
+    quantize: QuantConfig | str | None = None,
 ) -> Model:
     """Load a local Hugging Face checkpoint directory or a GGUF file.
 
@@ -389,6 +478,13 @@ def from_pretrained(
         architecture: override ``config.architectures[0]`` (e.g. load a BERT classifier
             checkpoint as the bare "BertModel").
         remat: per-layer rematerialisation for training (see :func:`build_module`).
+        quantize: a frozen base for QLoRA: a scheme of :mod:`lora_jax.quantize` ("nf4",
+            "fp4", "int8", "int4") or a :class:`~lora_jax.quantize.QuantConfig`, applied
+            to each selected kernel as it is read (by default every linear kernel but the
+            output head), so the float model is never held whole; or ``"gguf"``: keep a
+            GGUF file's Q8_0 / Q4_0 / Q4_1 linear kernels as they are stored, the exact
+            weights llama.cpp runs (other tensors are dequantized as usual). Quantized
+            kernels dequantize to ``dtype``; train them with :func:`lora_jax.lora`.
 
     Returns:
         ``Model(module, params, config, source)``.
@@ -406,13 +502,35 @@ def from_pretrained(
         >>> model([[1, 2, 3]]).shape
         (1, 3, 30)
 
+        A QLoRA base, NF4 with double quantization:
+
+        >>> from lora_jax.quantize import QuantConfig
+        >>> base = models.from_pretrained(path, quantize=QuantConfig("nf4", blocksize=64,
+        ...                                                          double_quant=True))
+        >>> base.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
+        NF4Array(shape=(16, 16), dtype=float32, blocksize=64, double_quant=True, nbytes=140)
+        >>> base([[1, 2, 3]]).shape
+        (1, 3, 30)
+
     With a real checkpoint: ``models.from_pretrained("/models/SmolLM2-135M-Instruct")``
-    or ``models.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")``.
+    or ``models.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")`` (dequantized), or
+    ``from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf", quantize="gguf")`` (its Q4_1
+    blocks kept).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if isinstance(quantize, str) and quantize != "gguf":
+        try:  # an unknown scheme is refused before anything is read
+            quantize = QuantConfig(quantize)
+        except ValueError as err:
+            raise QuantizeError(f"quantize={quantize!r}: {err}") from None
+    elif quantize is not None and not isinstance(quantize, (str, QuantConfig)):
+        raise TypeError(f"quantize must be a scheme name, 'gguf' or a QuantConfig, got {quantize!r}")
     gguf_file = _find_gguf(path)
+    if quantize == "gguf" and gguf_file is None:
+        raise QuantizeError(f"{path}: quantize='gguf' keeps a GGUF file's quantized blocks; this is not "
+                             "a .gguf file (use quantize='nf4', 'int8', ... instead)")
     if gguf_file is not None:
         config, checkpoint = read_gguf(gguf_file)
         source = config_source = str(gguf_file)
@@ -433,7 +551,7 @@ def from_pretrained(
     module = _with_source(config_source, functools.partial(
         build_module, dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
         architecture=architecture, remat=remat, **options), config)
-    params = _load_params(module, family, checkpoint, module.param_dtype, source)
+    params = _load_params(module, family, checkpoint, module.param_dtype, source, quantize)
     return Model(module, params, config, source)
 
 

@@ -42,6 +42,7 @@ from lora_jax.peft.naming import (
     stack_container,
 )
 from lora_jax.peft.parameters import check_moe_module_names, is_parameter, parameter_tensors
+from lora_jax.quantize import describe_quantization
 from lora_jax.tree import Adapter, Target, check_adapter, find_targets, named_leaves
 
 # PEFT's EMBEDDING_LAYER_NAMES: naming one in target_modules makes its
@@ -482,7 +483,9 @@ def save_peft(
             than "none", embedding tables and ``save_embedding_layers``; shapes
             (``jax.eval_shape``) suffice when only the adapter is written.
         base_model_name_or_path, task_type: recorded in adapter_config.json
-            (``task_type`` is PEFT's, e.g. "CAUSAL_LM").
+            (``task_type`` is PEFT's, e.g. "CAUSAL_LM"). When ``params`` is a
+            quantized base (QLoRA, :mod:`lora_jax.quantize`) the model card notes
+            how it was quantized; the adapter is written as for any base.
         adapter_name: PEFT's adapter name; a plain folder name (no ``/``,
             ``\\``, ``..``), refused otherwise before anything is written.
         name_map: lora_jax module name -> torch module path, as a callable or
@@ -528,6 +531,7 @@ def save_peft(
     )
     a_parts = tuple("." + ENTRY_KEYS["lora_A"].part(is_embedding) for is_embedding in (False, True))
     num_modules = sum(k.endswith(a_parts) for k in tensors)
+    quantization = describe_quantization(params) if params is not None else None
     write_adapter(out_dir, tensors, peft_config, Path(path),
-                  lambda: model_card(config, num_modules, base_model_name_or_path, task_type))
+                  lambda: model_card(config, num_modules, base_model_name_or_path, task_type, quantization))
     return out_dir

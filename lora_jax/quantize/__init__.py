@@ -31,9 +31,11 @@ from lora_jax.quantize.params import (
     SCHEMES,
     QuantConfig,
     dequantize,
+    describe_quantization,
     quantize,
     quantize_array,
     quantized_bytes,
+    select_kernels,
 )
 
 __all__ = [
@@ -48,11 +50,13 @@ __all__ = [
     "QuantizedArray",
     "SCHEMES",
     "dequantize",
+    "describe_quantization",
     "from_gguf_blocks",
     "from_gguf_tensor",
     "is_quantized",
     "quantize",
     "quantize_array",
     "quantized_bytes",
+    "select_kernels",
     "stack",
 ]

@@ -187,6 +187,68 @@ def quantize(params: Any, config: QuantConfig | str = "nf4", **options: Any) -> 
                                             is_leaf=is_quantized)
 
 
+def select_kernels(params: Any, config: QuantConfig | str = "nf4", **options: Any) -> list[Any]:
+    """The key paths of the leaves :func:`quantize` would quantize (``params`` may be abstract).
+
+    Loaders use it to quantize each selected kernel as it is read, without holding the
+    float model: ``params`` may hold ``jax.ShapeDtypeStruct`` leaves.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from lora_jax.quantize import select_kernels
+        >>> params = {"q_proj": {"kernel": jax.ShapeDtypeStruct((64, 8), jnp.float32)},
+        ...           "lm_head": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32)}}
+        >>> [jax.tree_util.keystr(path) for path in select_kernels(params, "nf4")]
+        ["['q_proj']['kernel']"]
+
+    Raises:
+        ValueError: as :func:`quantize` for a bad config or a selection that matches nothing.
+    """
+    from lora_jax.tree import named_leaves
+
+    if isinstance(config, str):
+        config = QuantConfig(config, **options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    return [entry[0] for entry in _select(config, list(named_leaves(params)))]
+
+
+def describe_quantization(params: Any) -> str | None:
+    """A one-line account of the quantized leaves of ``params`` (None if there are none).
+
+    Written into the model card of an adapter trained on a quantized base.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from lora_jax.quantize import describe_quantization, quantize
+        >>> params = {"a": {"kernel": jnp.ones((64, 8))}, "b": {"kernel": jnp.ones((64, 8))}}
+        >>> describe_quantization(quantize(params, "nf4", double_quant=True))
+        'NF4 (bitsandbytes format, blocks of 64, double quantization): 2 kernels'
+        >>> describe_quantization(params) is None
+        True
+    """
+    counts: dict[str, int] = {}
+    for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
+        if is_quantized(leaf):
+            label = _scheme_label(leaf)
+            counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        return None
+    return "; ".join(f"{label}: {n} kernel{'s' if n != 1 else ''}" for label, n in counts.items())
+
+
+def _scheme_label(leaf: QuantizedArray) -> str:
+    scheme = leaf.scheme
+    if scheme in ("nf4", "fp4"):
+        extra = ", double quantization" if leaf.double_quant else ""
+        return f"{scheme.upper()} (bitsandbytes format, blocks of {leaf.blocksize}{extra})"
+    if scheme == "int8":
+        return "int8 (bitsandbytes row-wise format)"
+    if scheme == "int4":
+        return f"int4 (symmetric, groups of {leaf.group_size})"
+    return f"GGUF {scheme.upper()} (llama.cpp blocks, as stored in the file)"
+
+
 def _label(module_name: str, leaf_name: str) -> str:
     return f"{module_name}.{leaf_name}" if module_name else leaf_name
 

@@ -40,6 +40,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.init import init
 from lora_jax.train.batches import Batch, BatchLoader, BatchSource, bucket_lengths, eval_batches
 from lora_jax.train.checkpoint import CheckpointError, Checkpoints
+from lora_jax.train.kbit import has_quantized, prepare_for_kbit_training
 from lora_jax.train.progress import MetricsLog, ProgressBar, plot_loss_curve
 from lora_jax.train.step import (
     CPU_SCHEDULERS,
@@ -310,7 +311,9 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
             a ``lora_jax.models.layers.LMHidden``); or a :mod:`lora_jax.models`
             causal-LM module (``model.module``), which trains with ``config.remat``
             per layer and the chunked loss (``config.loss_chunk``).
-        params: the frozen pretrained params (never modified).
+        params: the frozen pretrained params (never modified). Quantized kernels
+            (:mod:`lora_jax.quantize`, QLoRA) stay packed; the rest is prepared as
+            :func:`~lora_jax.train.kbit.prepare_for_kbit_training` says.
         lora_config: targets, rank and scaling; ``modules_to_save`` and
             biases (``bias=``) train in full.
         train_examples / eval_examples: from :func:`~lora_jax.train.tokenize.encode`;
@@ -346,7 +349,10 @@ def train(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
     if adapter is None:
         adapter = init(lora_config, params, jax.random.key(config.seed))
     state = init_state(adapter, trainable_leaves(params, lora_config), run.optimizer, config.seed)
-    frozen = params if config.dtype == "float32" else cast_floating(params, jnp.dtype(config.dtype))
+    if has_quantized(params):  # a QLoRA base: norms and biases stay float32 (see train.kbit)
+        frozen = prepare_for_kbit_training(params, config.dtype)
+    else:
+        frozen = params if config.dtype == "float32" else cast_floating(params, jnp.dtype(config.dtype))
     try:
         state, meta = _resume(run, state) if resume else (_fresh_start(run, state), {})
         if mesh is not None:

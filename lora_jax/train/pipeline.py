@@ -30,6 +30,7 @@ from typing import Any
 from lora_jax.config import LoraConfig
 from lora_jax.train.adapter_files import load_adapter
 from lora_jax.train.batches import BatchLoader, bucket_lengths
+from lora_jax.train.kbit import quant_config, quantized_modules_to_save
 from lora_jax.train.loop import TrainResult, train
 from lora_jax.train.outputs import OutputDir, OutputError, RunLock
 from lora_jax.train.pretrained import ModelFilesError, load_model, load_tokenizer
@@ -96,6 +97,7 @@ class _Base:
     model: Any
     tokenizer: Any
     unsaved: bool = False
+    float_params: Any = None  # an unsaved tiny model's own weights when ``model`` is quantized
 
 
 def finetune(settings: FinetuneSettings, *, log: Log | None = None) -> FinetuneResult:
@@ -196,6 +198,7 @@ def prepare(settings: FinetuneSettings) -> tuple[FinetuneSettings, Path]:
     if resolved.init_adapter and not Path(resolved.init_adapter).is_dir():
         raise ModelFilesError(f"{resolved.init_adapter}: no such adapter directory (--init-adapter).")
     _check_mesh(resolved)
+    _check_quantize(resolved)
     return resolved, output
 
 
@@ -221,6 +224,29 @@ def effective_settings(settings: FinetuneSettings) -> FinetuneSettings:
         if differ:
             raise SettingsError(f"Cannot resume {output}: settings differ from the run's: {'; '.join(differ)}.")
     return resolved
+
+
+def _check_quantize(settings: FinetuneSettings) -> None:
+    """``--quantize`` / ``--double-quant`` against each other, the model and ``--mesh`` (before any file)."""
+    if settings.double_quant and not settings.quantize:
+        raise SettingsError("--double-quant quantizes the absmax values of a 4-bit base; pass --quantize nf4 "
+                            "or --quantize fp4 with it.")
+    if not settings.quantize:
+        return
+    try:
+        quant_config(settings.quantize, double_quant=bool(settings.double_quant))
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    if settings.quantize == "gguf":
+        model = Path(settings.model)
+        is_gguf = model.suffix == ".gguf" or (model.is_dir() and not (model / "config.json").exists()
+                                              and len(list(model.glob("*.gguf"))) == 1)
+        if settings.model == TINY_MODEL or not is_gguf:
+            raise SettingsError(f"--quantize gguf keeps a .gguf model's own Q8_0/Q4_0/Q4_1 blocks; --model "
+                                f"{settings.model} is not a .gguf file (use --quantize nf4, fp4, int8 or int4).")
+    if settings.mesh:
+        raise SettingsError(f"--quantize {settings.quantize} with --mesh: sharding a quantized base is not "
+                            "supported yet; train it on one device (drop --mesh).")
 
 
 def _saved_settings(output: Path) -> dict[str, Any]:
@@ -316,20 +342,54 @@ def _load_base(settings: FinetuneSettings, output: Path, records: Sequence[Recor
     if settings.model == TINY_MODEL:
         base_dir = output / BASE_MODEL_DIR
         if settings.resume and (base_dir / "config.json").exists():
-            model = load_model(base_dir, dtype=settings.dtype)
+            model = _load_model(base_dir, settings)
             say(f"model: tiny random Llama ({base_dir})")
             return _Base(model, load_tokenizer(model))
         from lora_jax.train.tiny import texts_of, tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(texts_of(records))
         say(f"model: tiny random Llama ({base_dir})")
-        return _Base(tiny_model(len(tokenizer), seed=settings.seed), tokenizer, unsaved=True)
+        model = tiny_model(len(tokenizer), seed=settings.seed)
+        float_params = model.params
+        if settings.quantize:  # as it will be read back from base_model/ (the same codes)
+            from lora_jax.quantize import quantize
+
+            model.params = quantize(float_params, quant_config(settings.quantize,
+                                                               double_quant=bool(settings.double_quant)))
+        return _Base(model, tokenizer, unsaved=True, float_params=float_params)
     t0 = time.perf_counter()
-    model = load_model(settings.model, dtype=settings.dtype)
+    model = _load_model(settings.model, settings)
     tokenizer = load_tokenizer(model)
     say(f"model: {settings.model} ({_num_params(model.params) / 1e6:.1f}M params, "
         f"loaded in {time.perf_counter() - t0:.0f}s)")
+    if settings.quantize:
+        say(f"quantized base ({settings.quantize}): {_describe_bytes(model.params)}")
     return _Base(model, tokenizer)
+
+
+def _load_model(path: str | Path, settings: FinetuneSettings) -> Any:
+    """The base model in ``--dtype``; with ``--quantize``, its kernels quantized as they are read.
+
+    A quantized base is read in float32 (norms and biases keep the file's values, see
+    :mod:`lora_jax.train.kbit`) and computes in ``--dtype``.
+    """
+    if not settings.quantize:
+        return load_model(path, dtype=settings.dtype)
+    from lora_jax.models import QuantizeError
+
+    config = quant_config(settings.quantize, double_quant=bool(settings.double_quant))
+    try:
+        return load_model(path, dtype="float32", compute_dtype=settings.dtype, quantize=config)
+    except QuantizeError as err:
+        raise SettingsError(f"--quantize {settings.quantize}: {' '.join(str(err).split())}") from None
+
+
+def _describe_bytes(params: Any) -> str:
+    from lora_jax.quantize import quantized_bytes
+
+    report = quantized_bytes(params)
+    return (f"{report['before'] / 2**20:.1f} MiB -> {report['after'] / 2**20:.1f} MiB "
+            f"({report['quantized_leaves']} kernels at {report['bytes_per_quantized_param']:.4f} bytes/param)")
 
 
 def _fit_lora(settings: FinetuneSettings, model: Any) -> tuple[LoraConfig, Any, dict[str, Any]]:
@@ -351,6 +411,11 @@ def _fit_lora(settings: FinetuneSettings, model: Any) -> tuple[LoraConfig, Any, 
         find_targets(lora_config, params)
     except ValueError as err:
         raise SettingsError(f"{flags} does not fit the model: {' '.join(str(err).split())}") from None
+    frozen = quantized_modules_to_save(params, lora_config.modules_to_save)
+    if frozen:
+        raise SettingsError(f"--modules-to-save {settings.modules_to_save!r} would train quantized kernels in full "
+                            f"({', '.join(frozen[:4])}); with --quantize {settings.quantize} train those modules "
+                            "with LoRA (--target-modules) instead.")
     return lora_config, adapter, trainable
 
 
@@ -373,8 +438,9 @@ def _save_tiny(settings: FinetuneSettings, output: Path, base: _Base) -> _Base:
     """Write the fresh tiny model to base_model/ and train on it as read back (in ``--dtype``)."""
     from lora_jax.train.tiny import save_tiny
 
-    base_dir = save_tiny(output / BASE_MODEL_DIR, base.model, base.tokenizer)
-    model = load_model(base_dir, dtype=settings.dtype)
+    float_model = dataclasses.replace(base.model, params=base.float_params)  # base_model/ holds the float weights
+    base_dir = save_tiny(output / BASE_MODEL_DIR, float_model, base.tokenizer)
+    model = _load_model(base_dir, settings)
     return _Base(model, load_tokenizer(model))
 
 
@@ -496,7 +562,9 @@ def _num_params(params: Any) -> int:
     import jax
     import numpy as np
 
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    from lora_jax.quantize import is_quantized
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params, is_leaf=is_quantized))
 
 
 def _stderr(message: str) -> None:

@@ -93,8 +93,13 @@ def _describe_auto_map(auto_map: Any) -> str:
     return ", ".join(parts)
 
 
-def load_model(path: str | Path, *, dtype: str = "float32") -> Any:
+def load_model(path: str | Path, *, dtype: str = "float32", compute_dtype: str | None = None,
+               quantize: Any = None) -> Any:
     """``lora_jax.models.from_pretrained`` with a one-line error for a path that is not a model.
+
+    ``compute_dtype`` (default ``dtype``) and ``quantize`` (a QLoRA base: a scheme,
+    a ``QuantConfig`` or "gguf") are ``from_pretrained``'s; a model whose kernels
+    cannot be quantized so raises :class:`lora_jax.models.QuantizeError`, naming why.
 
     Example:
         >>> import tempfile
@@ -119,7 +124,10 @@ def load_model(path: str | Path, *, dtype: str = "float32") -> Any:
                               "directory with config.json and model.safetensors, or a .gguf file).")
     refuse_remote_code(path)
     try:
-        return models.from_pretrained(path, dtype=jnp.dtype(dtype))
+        return models.from_pretrained(path, dtype=jnp.dtype(dtype), quantize=quantize,
+                                      compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype))
+    except models.QuantizeError:
+        raise
     except FileNotFoundError as err:
         raise ModelFilesError(_one_line(err)) from None
     except (ValueError, KeyError, OSError) as err:

@@ -33,6 +33,8 @@ import numpy as np
 import yaml
 
 from lora_jax.config import LoraConfig
+from lora_jax.train.kbit import KBIT_REMAT
+from lora_jax.train.kbit import SCHEMES as QUANTIZE_SCHEMES
 from lora_jax.train.loop import TrainConfig
 from lora_jax.train.records import CHATTERBOT_ENGLISH, describe_data
 from lora_jax.train.step import (
@@ -306,6 +308,15 @@ class FinetuneSettings:
     init_adapter: str | None = setting(None, group="LoRA", check=_text, trajectory=True,
                                        help="start from this adapter (PEFT or `lora-jax import` directory); "
                                             "its LoRA config replaces -r / --alpha / --target-modules")
+    # -- QLoRA
+    quantize: str | None = setting(
+        None, group="QLoRA", choices=QUANTIZE_SCHEMES, trajectory=True, record_default=False,
+        help="keep the frozen base quantized: nf4 / fp4 (bitsandbytes' 4-bit), int8 (bitsandbytes' row-wise), "
+             "int4 (groups of 128), or gguf (a .gguf model's own Q8_0/Q4_0/Q4_1 blocks); remat defaults to "
+             f"{KBIT_REMAT!r}")
+    double_quant: bool | None = setting(False, kind=bool, group="QLoRA", check=_boolean, trajectory=True,
+                                        record_default=False,
+                                        help="with --quantize nf4/fp4: quantize the absmax values too")
     # -- training
     steps: int | None = setting(60, kind=int, tiny=30, group="training", check=integer(1), trajectory=True,
                                 aliases=("--max-steps",), help="optimizer steps (wins over --epochs)")
@@ -417,6 +428,8 @@ class FinetuneSettings:
         if self.init_adapter is not None:
             values["init_adapter"] = _absolute(self.init_adapter)
         values["output"] = self.output or (TINY_OUTPUT if tiny else DEFAULT_OUTPUT)
+        if values["quantize"] and values["remat"] is None:
+            values["remat"] = KBIT_REMAT  # gradient checkpointing is on for quantized runs (train.kbit)
         return FinetuneSettings(**values)
 
     # -- what the run records and builds -----------------------------------------------------

@@ -28,6 +28,7 @@ instruction scheduler instead of its concurrency-optimized default
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax.config import LoraConfig
+from lora_jax.quantize import is_quantized
 from lora_jax.transform import lora
 from lora_jax.tree import split_path, trainable_mask
 
@@ -96,7 +98,7 @@ def trainable_leaves(params: Any, config: LoraConfig) -> dict[str, jax.Array]:
     """
     mask = trainable_mask(params, config)
     flat_mask = jax.tree_util.tree_flatten_with_path(mask)[0]
-    flat_params = jax.tree.leaves(params)
+    flat_params = jax.tree.leaves(params, is_leaf=is_quantized)
     return {leaf_name(path): cast_floating(leaf, jnp.float32)
             for (path, keep), leaf in zip(flat_mask, flat_params) if keep}
 
@@ -120,7 +122,7 @@ def with_leaves(params: Any, leaves: dict[str, jax.Array]) -> Any:
         new = leaves.get(leaf_name(path))
         return leaf if new is None else new.astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(pick, params)
+    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=is_quantized)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -131,10 +133,16 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
         >>> tree = cast_floating({"w": jnp.ones(2), "ids": jnp.arange(2)}, jnp.bfloat16)
         >>> tree["w"].dtype, tree["ids"].dtype
         (dtype(bfloat16), dtype('int32'))
+
+    A quantized kernel (:mod:`lora_jax.quantize`) keeps its packed codes and scales
+    and dequantizes to ``dtype`` from then on.
     """
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
-    )
+    def cast(x: Any) -> Any:
+        if is_quantized(x):  # packed codes and scales stay as they are; it dequantizes to dtype
+            return dataclasses.replace(x, dtype=jnp.dtype(dtype))
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+
+    return jax.tree.map(cast, tree, is_leaf=is_quantized)
 
 
 # -- loss -----------------------------------------------------------------------------------
