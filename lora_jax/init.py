@@ -133,13 +133,20 @@ def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
       (see :func:`lora_jax.decompose.pissa_factors`).
     * ``"pissa_niter_<k>"``: the same on a randomized SVD with ``k`` subspace
       iterations, drawn from ``key``.
+    * ``"loftq"`` (``loftq_config={"loftq_bits": 4 or 8, "loftq_iter": k}``):
+      alternating quantization and SVD as PEFT's ``loftq_init``; the kernel
+      becomes its quantized base, a :class:`~lora_jax.quantize.NF4Array` (4 bits)
+      or :class:`~lora_jax.quantize.Int8Array` (8 bits) ready for QLoRA, and
+      ``A @ B`` the rank-r SVD of what quantization lost (see :mod:`lora_jax.loftq`;
+      ``key`` is not used).
     * ``"olora"``: ``W = Q R``; A = ``R[:r].T``, B = ``Q[:, :r].T`` and the
       kernel becomes ``K - s * A @ B``. (PEFT 0.21 applies OLoRA to a GPT-2
       ``Conv1D`` weight without transposing it, so its init fails or changes
       the model there; lora_jax's kernels are always (in, out) and start equal.)
 
     So ``lora(apply_fn, config)(params_out, adapter, x)`` equals
-    ``apply_fn(params, x)`` at the start. The decompositions run in float32;
+    ``apply_fn(params, x)`` at the start (LoftQ: approximately, its base being
+    quantized; closer than the quantized base alone). The decompositions run in float32;
     the residual is cast to the kernel's dtype, and A and B are rounded to the
     kernel's dtype and then cast to ``dtype``, as PEFT moves them to the base
     layer's dtype before ``get_peft_model`` casts them back to float32.
@@ -152,15 +159,13 @@ def init_with_base(config: LoraConfig, params: Any, key: jax.Array,
     Raises:
         ValueError: a targeted kernel is not a floating-point array with values
             (e.g. a ``jax.ShapeDtypeStruct``).
-        NotImplementedError: ``"loftq"`` (needs ``lora_jax.quantize``'s NF4).
     """
     if not config.changes_base:
         return init(config, params, key, dtype), params
     if config.init_lora_weights == "loftq":
-        raise NotImplementedError(
-            "init_lora_weights='loftq' needs the NF4 quantizer of lora_jax.quantize (the QLoRA feature), "
-            "which this version of lora_jax does not have yet; use 'pissa' or 'olora', or init_lora_weights=True."
-        )
+        from lora_jax.loftq import loftq_init_with_base
+
+        return loftq_init_with_base(config, params, dtype)
     targets = find_targets(config, params)
     keys = jax.random.split(key, len(targets))
     leaves = {target.path: leaf for target, leaf in _target_leaves(targets, params)}

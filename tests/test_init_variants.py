@@ -390,11 +390,13 @@ def test_init_with_base_needs_kernel_values_and_floating_kernels():
         lora_jax.init_with_base(config, ints, jax.random.key(0))
 
 
-def test_loftq_says_it_needs_the_nf4_quantizer():
-    config = LoraConfig(r=2, target_modules=["w"], init_lora_weights="loftq", loftq_config={"loftq_iter": 2})
-    with pytest.raises(NotImplementedError, match="lora_jax.quantize"):
-        lora_jax.init_with_base(config, {"params": {"w": {"kernel": np.eye(4, dtype=np.float32)}}},
-                                jax.random.key(0))
+def test_loftq_returns_its_quantized_base():  # tests/test_loftq.py checks it against PEFT
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["w"], init_lora_weights="loftq",
+                        loftq_config={"loftq_iter": 2})
+    adapter, out = lora_jax.init_with_base(config, {"params": {"w": {"kernel": np.eye(64, dtype=np.float32)}}},
+                                           jax.random.key(0))
+    assert type(out["params"]["w"]["kernel"]).__name__ == "NF4Array"
+    assert adapter["w"]["lora_A"].shape == (64, 2)
 
 
 def test_variants_of_phase_two_are_honoured_by_init_rather_than_ignored():
