@@ -561,12 +561,13 @@ def _same_shape_op(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
 def _transpose(eqn: jcore.JaxprEqn, invals: Sequence[Any]) -> Any:
     (value,) = invals
     perm = tuple(eqn.params["permutation"])
-    lead, na, nb = value.num_lead, value.num_a, value.num_b
+    lead = value.num_lead
     head, rest = perm[:lead], perm[lead:]
     if head != tuple(range(lead)):
         return _fallback(eqn, invals)
-    if value.a is None:
+    if value.a is None:  # a frozen quantized kernel (e.g. a tied table used as the head)
         return value.replace(w=_kernel_op(eqn, value.w))
+    na, nb = value.num_a, value.num_b
     ab = value.ab_lead  # A's and B's own axes start here (after lead, and a mixed batch's slots)
     ab_axes, off = tuple(range(ab)), ab - lead
     a_range, b_range = range(lead, lead + na), range(lead + na, lead + na + nb)

@@ -156,13 +156,19 @@ def test_qlora_smoke_runs_every_base_or_says_why_not(tmp_path):
     assert rows["qwix_nf4"]["frozen_mib"] < rows["lora_bf16"]["frozen_mib"]
     assert rows["lora_bf16"]["frozen_mib"] == pytest.approx(rows["lora_f32"]["frozen_mib"] / 2)
     nf4 = rows["lora_nf4"]
-    if "skipped" in nf4:  # lora() does not take quantized params yet: the reason is recorded
-        assert nf4["skipped"]
-    else:
-        assert nf4["frozen_mib"] < rows["lora_bf16"]["frozen_mib"]
-        assert nf4["quantized_bytes"]["bytes_per_quantized_param"] == pytest.approx(0.5625)
+    assert "skipped" not in nf4, nf4  # lora() takes quantized params
+    assert nf4["frozen_mib"] < rows["lora_bf16"]["frozen_mib"]
+    assert nf4["quantized_bytes"]["bytes_per_quantized_param"] == pytest.approx(0.5625)
+    assert abs(nf4["first_loss"] - rows["lora_bf16"]["first_loss"]) < 0.05  # B = 0: the bases' own losses
     assert {t["target"] for t in data["targets"]} >= {"NF4 compiled memory (args + temps) / bf16 base",
                                                         "NF4 step time / bf16 base", "lora_jax NF4 time / qwix NF4"}
+    # The 8 -> 16 layer measurement (here 2 -> 4 on the tiny shape), scanned and unrolled.
+    scaling = {row["scanned"]: row for row in data["layer_scaling"]}
+    assert set(scaling) == {False, True}
+    for row in scaling.values():
+        assert row["kernel_argument_bytes_per_param"] == pytest.approx(row["packed_bytes_per_param"], rel=0.05)
+        assert row["packed_bytes_per_param"] == pytest.approx(0.5625)
+        assert row["one_layer_dequantized_mib"] > 0 and "temp_growth_vs_one_layer" in row
 
 
 def test_mixed_batch_smoke_matches_peft_rows_and_tokens(tmp_path):
@@ -192,13 +198,17 @@ def test_qlora_abstract_layout_of_a_quantized_model_equals_quantizing_it():
     if qlora.lora_jax_quantize() is None:
         pytest.skip("lora_jax.quantize is not installed")
     hf = common.SIZES["tiny"]["hf"]
-    _, params = common.jax_model(hf, dtype="bfloat16")
-    expected = qlora.lora_jax_quantize()(params, "nf4", double_quant=True)
-    got = qlora.abstract_quantized(hf, "nf4", {"double_quant": True}, "bfloat16")
-    # Same tree (the quantized leaves' static shape, dtype and block size included) and the
-    # same shape and dtype of every packed child.
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [(x.shape, x.dtype) for x in jax.tree.leaves(expected)]
+    for scan in (False, True):
+        for options in ({"double_quant": True}, qlora.quantize_options(qlora.VARIANTS["lora_nf4_embed"])):
+            _, params = common.jax_model(hf, dtype="bfloat16", scan_layers=scan)
+            extra = {"stacked_modules": qlora.STACKED} if scan else {}
+            expected = qlora.lora_jax_quantize()(params, "nf4", **options, **extra)
+            got = qlora.abstract_quantized(hf, "nf4", options, "bfloat16", scan_layers=scan)
+            # Same tree (the quantized leaves' static shape, dtype and block size included) and the
+            # same shape and dtype of every packed child.
+            assert jax.tree.structure(got) == jax.tree.structure(expected)
+            assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
+                [(x.shape, x.dtype) for x in jax.tree.leaves(expected)]
 
 
 @pytest.mark.parametrize("weight_qtype", [None, "nf4"])

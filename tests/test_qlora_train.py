@@ -125,3 +125,21 @@ def test_train_state_and_counts_see_a_quantized_kernel_as_one_frozen_leaf(model)
     counts = lora_jax.count_parameters(base, adapter, config)
     plain = lora_jax.count_parameters(model.params, adapter, config)
     assert counts == plain  # a quantized kernel counts its parameters, not its packed bytes
+
+
+def test_a_quantized_tied_embedding_trains_without_fallback(model):
+    # Not bitsandbytes' default, but lora() takes it: the lookup dequantizes the table, the tied
+    # head reads it transposed through the quantized path.
+    tied = models.from_config(dict(HF, tie_word_embeddings=True), seed=2)
+    base = quantize(tied.params, "nf4", target_modules=r".*(embed_tokens|_proj)", kernel_names=("kernel", "embedding"))
+    assert is_quantized(base["model"]["embed_tokens"]["embedding"])
+    adapter = lora_jax.init(CONFIG.replace(init_lora_weights=False), tied.params, jax.random.key(1))
+    apply = lora_jax.lora(lambda p, x: tied.module.apply({"params": p}, x), CONFIG)
+    ids = np.arange(10, dtype=np.int32).reshape(1, 10)
+    grad = jax.jit(jax.grad(lambda a, p: apply(p, a, ids).mean()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+        got = grad(adapter, base)
+    want = grad(adapter, dequantize(base))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
