@@ -16,7 +16,8 @@ import pytest
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-SCRIPTS = ["train_step", "inference", "scaling", "peak", "compile_time", "gpu", "qlora", "mixed_batch"]
+SCRIPTS = ["train_step", "inference", "scaling", "peak", "compile_time", "gpu", "qlora", "qlora_quality",
+           "mixed_batch"]
 
 
 def run_smoke(script: str, out_dir: Path, *extra: str, png: bool = True) -> tuple[dict, str]:
@@ -169,6 +170,17 @@ def test_qlora_smoke_runs_every_base_or_says_why_not(tmp_path):
         assert row["kernel_argument_bytes_per_param"] == pytest.approx(row["packed_bytes_per_param"], rel=0.05)
         assert row["packed_bytes_per_param"] == pytest.approx(0.5625)
         assert row["one_layer_dequantized_mib"] > 0 and "temp_growth_vs_one_layer" in row
+
+
+def test_qlora_quality_smoke_compares_quantized_and_float_runs(tmp_path):
+    data, _ = run_smoke("qlora_quality", tmp_path, "--runs-dir", str(tmp_path / "runs"), "--schemes", "nf4",
+                        png=False)
+    runs = {r["scheme"]: r for r in data["runs"]}
+    assert set(runs) == {"float32", "nf4"}
+    assert runs["nf4"]["settings"]["quantize"] == "nf4" and "quantize" not in runs["float32"]["settings"]
+    assert runs["nf4"]["perplexity_vs_float32"] == pytest.approx(
+        runs["nf4"]["eval_after"]["perplexity"] / runs["float32"]["eval_after"]["perplexity"])
+    assert [t["threshold"] for t in data["targets"]] == [1.05]
 
 
 def test_mixed_batch_smoke_matches_peft_rows_and_tokens(tmp_path):
