@@ -350,7 +350,7 @@ def _named_adapters(values: Sequence[str]) -> dict[str, Path]:
 def _generate_mixed(args: argparse.Namespace, named: dict[str, Path]) -> int:
     """``generate`` with several adapters: one mixed batch, each prompt through its own adapter."""
     from lora_jax import stack_adapters
-    from lora_jax.train import load_adapter, load_model, load_tokenizer
+    from lora_jax.train import load_adapter, load_tokenizer
     from lora_jax.train.adapter_files import resolve_base_model
     from lora_jax.train.generation import TextGenerator
 
