@@ -724,7 +724,7 @@ def _bytes_line(params: Any, scheme: str | None) -> str:
         >>> _bytes_line(params, None)
         'base weights: 1.00 MiB'
         >>> _bytes_line(quantize(params, "nf4"), "nf4")
-        'base weights: 1.00 MiB -> 0.15 MiB with --quantize nf4 (1 kernels at 0.5625 bytes/param, 0.14x)'
+        'base weights: 1.00 MiB -> 0.14 MiB with --quantize nf4 (1 kernels at 0.5625 bytes/param, 0.14x)'
     """
     from lora_jax.quantize import quantized_bytes
 

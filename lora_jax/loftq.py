@@ -44,7 +44,13 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, what PEFT's LoftQ quanti
 
 
 class LoftQScalingWarning(UserWarning):
-    """LoftQ's correction ``L @ R`` is applied with a LoRA scaling other than 1."""
+    """LoftQ's correction ``L @ R`` is applied with a LoRA scaling other than 1.
+
+    Example:
+        >>> from lora_jax.loftq import LoftQScalingWarning
+        >>> issubclass(LoftQScalingWarning, UserWarning)
+        True
+    """
 
 
 def loftq_factors(weight: Any, rank: int, *, bits: int = 4, iterations: int = 1,

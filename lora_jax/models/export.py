@@ -132,7 +132,13 @@ def save_merged(
 
 class RequantizeWarning(UserWarning):
     """``save_merged(..., requantize=)``: the merged model differs from base + adapter by a
-    new quantization error (the message gives its size)."""
+    new quantization error (the message gives its size).
+
+    Example:
+        >>> from lora_jax.models import RequantizeWarning
+        >>> issubclass(RequantizeWarning, UserWarning)
+        True
+    """
 
 
 def requantization_error(merged: dict[Any, Any], requantized: dict[Any, Any],

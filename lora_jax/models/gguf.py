@@ -140,10 +140,6 @@ class GGUFTensors:
     # GGUF block types a linear kernel can keep as its quantized frozen base (lora_jax.quantize).
     KEPT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 
-    def type_name(self, name: str) -> str:
-        """The GGUF type of tensor ``name`` ("Q4_1", "F32", ...)."""
-        return self._reader_tensors[name].tensor_type.name
-
     def get_blocks(self, name: str, dtype: Any = np.float32) -> Any:
         """Tensor ``name`` as its GGUF blocks, a quantized Flax kernel ``(in, out)``; None
         unless it is a 2-D Q8_0 / Q4_0 / Q4_1 tensor (see :data:`KEPT_TYPES`).
