@@ -54,7 +54,8 @@ def every_setting(assets, output):
         "schedule": "linear", "weight_decay": 0.01, "max_grad_norm": 0.5, "seed": 3, "packing": True, "buckets": 1,
         "dtype": "float32", "remat": "full", "eval_fraction": 0.1, "max_eval": 6, "max_examples": 100,
         "eval_every": 2, "save_every": 2, "keep": 2, "mesh": None, "sharding": "fsdp",
-        "report_to": "tensorboard", "logging_steps": 2,
+        "report_to": "tensorboard", "logging_steps": 2, "quantize": "int8", "double_quant": False,
+        "chunked_loss": 16, "xla_cpu_scheduler": "memory",
     }
 
 

@@ -72,7 +72,7 @@ def test_qlora_finetune_records_the_scheme_turns_remat_on_and_notes_it_in_the_ca
 
 def test_an_unquantized_run_json_keeps_its_old_keys(tmp_path):
     record = FinetuneSettings(tiny=True).resolved().record()
-    assert "quantize" not in record and "double_quant" not in record and record["remat"] is None
+    assert "quantize" not in record and "double_quant" not in record and record["remat"] == "full"
 
 
 def test_resume_refuses_another_quantization(qlora_run, capsys):

@@ -23,10 +23,6 @@ HF = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_l
 CONFIG = lora_jax.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
 
 
-def causal_apply(model):
-    return lambda p, ids, mask: model.module.apply({"params": p}, ids, attention_mask=mask)
-
-
 def counting_examples(n=16, length=12):
     return [Example(((np.arange(length) + i) % 64).astype(np.int32), np.ones(length, bool)) for i in range(n)]
 
@@ -42,7 +38,7 @@ def test_training_on_a_quantized_base_lowers_the_loss_and_keeps_the_codes(model,
     packed = [np.array(x) for x in jax.tree.leaves(base)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
-        result = train(causal_apply(model), base, CONFIG, counting_examples(),
+        result = train(model.module, base, CONFIG, counting_examples(),
                        config=TrainConfig(max_steps=12, batch_size=4, seq_len=12, learning_rate=3e-2, warmup_steps=0,
                                           remat="full"),
                        eval_examples=counting_examples(4), progress=False, log=lambda message: None)
@@ -59,7 +55,7 @@ def test_adapter_gradients_equal_those_on_the_dequantized_float32_base(model):
     trainable = {"adapter": adapter, "params": trainable_leaves(model.params, CONFIG)}
     batch = {"input_ids": jnp.asarray(counting_examples(2)[0].input_ids[None].repeat(2, 0)),
              "attention_mask": jnp.ones((2, 12), jnp.int32), "loss_mask": jnp.ones((2, 12), bool)}
-    loss = make_loss_fn(causal_apply(model), CONFIG, remat="full")  # as quantized runs train
+    loss = make_loss_fn(model.module, CONFIG, remat="full")  # as quantized runs train
     grad = jax.jit(jax.grad(lambda t, p: loss(t, p, batch, None)[0]))
     with warnings.catch_warnings():
         warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
@@ -94,7 +90,7 @@ def test_a_bfloat16_qlora_run_trains_with_float32_norms(model):
     base = quantize(model.params, "nf4")
     module = models.build_module(HF, compute_dtype=jnp.bfloat16)
     bf16_model = dataclasses.replace(model, module=module)
-    result = train(causal_apply(bf16_model), base, CONFIG, counting_examples(),
+    result = train(bf16_model.module, base, CONFIG, counting_examples(),
                    config=TrainConfig(max_steps=8, batch_size=4, seq_len=12, learning_rate=3e-2, warmup_steps=0,
                                       dtype="bfloat16", remat="full"),
                    eval_examples=counting_examples(4), progress=False, log=lambda message: None)

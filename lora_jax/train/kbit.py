@@ -12,8 +12,8 @@ PEFT's recipe for a bitsandbytes-quantized model, and what lora_jax does instead
 * **The loss in float32.** The logits are cast to float32 before the cross-entropy
   (:func:`lora_jax.train.step.causal_lm_loss`), whatever the compute dtype.
 * **Gradient checkpointing on.** PEFT turns on the model's gradient checkpointing;
-  ``lora-jax finetune --quantize`` (and :func:`lora_jax.train.finetune`) default
-  ``remat`` to :data:`KBIT_REMAT` unless it is given: the backward pass recomputes the
+  ``lora-jax finetune`` (and :func:`lora_jax.train.finetune`) default ``--remat`` to
+  ``"full"`` for every run, quantized or not: the backward pass recomputes the
   forward activations instead of keeping them, the memory that is left once the
   weights are 4-bit. (The dequantized kernels themselves are never residuals:
   :func:`lora_jax.lora` dequantizes them again in the backward pass.)
@@ -41,7 +41,6 @@ from lora_jax.tree import named_leaves
 
 SCHEMES = ("nf4", "fp4", "int8", "int4", "gguf")  # --quantize: lora_jax.quantize's, or a GGUF file's own
 DOUBLE_QUANT_SCHEMES = ("nf4", "fp4")
-KBIT_REMAT = "full"  # remat of a quantized run unless one is given
 
 
 def quant_config(scheme: str, *, double_quant: bool = False) -> QuantConfig | str:

@@ -33,7 +33,6 @@ import numpy as np
 import yaml
 
 from lora_jax.config import LoraConfig
-from lora_jax.train.kbit import KBIT_REMAT
 from lora_jax.train.kbit import SCHEMES as QUANTIZE_SCHEMES
 from lora_jax.train.loop import TrainConfig
 from lora_jax.train.records import CHATTERBOT_ENGLISH, describe_data
@@ -312,8 +311,7 @@ class FinetuneSettings:
     quantize: str | None = setting(
         None, group="QLoRA", choices=QUANTIZE_SCHEMES, trajectory=True, record_default=False,
         help="keep the frozen base quantized: nf4 / fp4 (bitsandbytes' 4-bit), int8 (bitsandbytes' row-wise), "
-             "int4 (groups of 128), or gguf (a .gguf model's own Q8_0/Q4_0/Q4_1 blocks); remat defaults to "
-             f"{KBIT_REMAT!r}")
+             "int4 (groups of 128), or gguf (a .gguf model's own Q8_0/Q4_0/Q4_1 blocks)")
     double_quant: bool | None = setting(False, kind=bool, group="QLoRA", check=_boolean, trajectory=True,
                                         record_default=False,
                                         help="with --quantize nf4/fp4: quantize the absmax values too")
@@ -428,8 +426,6 @@ class FinetuneSettings:
         if self.init_adapter is not None:
             values["init_adapter"] = _absolute(self.init_adapter)
         values["output"] = self.output or (TINY_OUTPUT if tiny else DEFAULT_OUTPUT)
-        if values["quantize"] and values["remat"] is None:
-            values["remat"] = KBIT_REMAT  # gradient checkpointing is on for quantized runs (train.kbit)
         return FinetuneSettings(**values)
 
     # -- what the run records and builds -----------------------------------------------------
