@@ -7,24 +7,18 @@ import json
 import jax
 import numpy as np
 import pytest
+from cli_helpers import chat_assets, one_line_error, run_cli
 
 import lora_jax
 from lora_jax import models
 from lora_jax.cli import main
-from lora_jax.train import Checkpoints, read_chatterbot
-from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
+from lora_jax.train import Checkpoints
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Hugging Face model directory and a JSONL chat file (150 conversations)."""
-    root = tmp_path_factory.mktemp("cli")
-    records = read_chatterbot(strict=False)[::13][:150]
-    tokenizer = tiny_tokenizer(texts_of(records), vocab_size=320)
-    model_dir = save_tiny(root / "model", tiny_model(len(tokenizer), hidden_size=32), tokenizer)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
-    return {"model": model_dir, "data": data, "root": root}
+    return chat_assets(tmp_path_factory.mktemp("cli"), conversations=150)
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +30,6 @@ def finished_run(assets):
                  "--max-new-tokens", "6", "--save-every", "6"])
     assert code == 0
     return output
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # -- finetune ---------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 import lora_jax
 from lora_jax import models
-from lora_jax.cli import main
 from lora_jax.train import read_chatterbot
 from lora_jax.train.generation import TextGenerator
 from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
@@ -34,12 +34,6 @@ def assets(tmp_path_factory):
         dirs[name] = lora_jax.save_peft(root / name, adapter, config, model.params,
                                         base_model_name_or_path=str(model_dir), task_type="CAUSAL_LM")
     return {"model_dir": model_dir, "dirs": dirs, "root": root, "model": model, "tokenizer": tokenizer}
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def alone(assets, name, prompt):

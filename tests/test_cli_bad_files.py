@@ -7,17 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error
 
 import lora_jax
 from lora_jax.cli import main
 from lora_jax.train import Checkpoints, write_lora_adapter
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture()

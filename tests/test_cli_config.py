@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 import yaml
+from cli_helpers import one_line_error, run_cli
 from safetensors.numpy import load_file
 
-from lora_jax.cli import build_parser, main, settings_from_args
+from lora_jax.cli import build_parser, settings_from_args
 from lora_jax.train import FinetuneSettings, read_chatterbot
 from lora_jax.train.settings import flag_of, read_config_file_text
 from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
@@ -28,19 +29,6 @@ def assets(tmp_path_factory):
     return {"root": root, "model": model, "data": data}
 
 
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def every_setting(assets, output):
     """A value for every field of FinetuneSettings (most of them not the default)."""
     return {
@@ -55,7 +43,8 @@ def every_setting(assets, output):
         "dtype": "float32", "remat": "full", "eval_fraction": 0.1, "max_eval": 6, "max_examples": 100,
         "eval_every": 2, "save_every": 2, "keep": 2, "mesh": None, "sharding": "fsdp",
         "report_to": "tensorboard", "logging_steps": 2, "quantize": "int8", "double_quant": False,
-        "chunked_loss": 16, "xla_cpu_scheduler": "memory",
+        "chunked_loss": 16, "xla_cpu_scheduler": "memory", "use_dora": True, "trainable_token_indices": "1,2",
+        "ensure_weight_tying": True, "loraplus_ratio": 4.0, "loraplus_lr_embedding": 1e-5,
     }
 
 

@@ -12,23 +12,17 @@ import errno
 import json
 
 import pytest
+from cli_helpers import chat_assets
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from safetensors.numpy import load_file
 
 from lora_jax.cli import main
-from lora_jax.train import MetricsLog, read_chatterbot
-from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
+from lora_jax.train import MetricsLog
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("disk-full")
-    records = read_chatterbot(strict=False)[::13][:120]
-    tokenizer = tiny_tokenizer(texts_of(records), vocab_size=320)
-    model_dir = save_tiny(root / "model", tiny_model(len(tokenizer), hidden_size=32), tokenizer)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
-    return {"model": model_dir, "data": data, "root": root}
+    return chat_assets(tmp_path_factory.mktemp("disk-full"))
 
 
 def finetune(assets, output, *extra):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import one_line_error
 
 from lora_jax.cli import main
 from lora_jax.train import OutputError, RunLock
@@ -37,12 +38,6 @@ def holder(tmp_path):
     yield output, process
     process.kill()
     process.wait()
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_a_run_on_a_locked_output_refuses_naming_the_pid(holder, data, capsys):

@@ -12,9 +12,9 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from cli_helpers import one_line_error, run_cli
 
 import lora_jax
-from lora_jax.cli import main
 from lora_jax.train import write_lora_adapter
 from lora_jax.train.outputs import MARKER_FILE
 from lora_jax.train.tiny import save_tiny, tiny_model, tiny_tokenizer
@@ -34,19 +34,6 @@ def assets(tmp_path_factory):
                                   base_model_name_or_path=str(model_dir), task_type="CAUSAL_LM")
     imported = write_lora_adapter(root / "imported", adapter, config, {}, str(model_dir))
     return {"model": model_dir, "peft": peft_dir, "imported": imported, "root": root}
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def user_files(directory):

@@ -14,6 +14,7 @@ import sys
 
 import jax
 import pytest
+from cli_helpers import one_line_error
 
 import lora_jax
 from lora_jax.cli import main
@@ -44,13 +45,6 @@ def evil(request, tmp_path_factory):
     adapter = lora_jax.init(config, model.params, jax.random.key(0))
     peft_dir = lora_jax.save_peft(root / "peft", adapter, config, base_model_name_or_path=str(model_dir))
     return {"model": model_dir, "peft": peft_dir, "file": request.param, "root": root}
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", ["generate", "info", "finetune", "merge", "import"])

@@ -10,35 +10,16 @@ import dataclasses
 import json
 
 import pytest
+from cli_helpers import chat_assets, one_line_error, run_cli
 
-from lora_jax.cli import build_parser, main
-from lora_jax.train import FinetuneSettings, SettingsError, read_chatterbot
+from lora_jax.cli import build_parser
+from lora_jax.train import FinetuneSettings, SettingsError
 from lora_jax.train.settings import flag_of, read_run_file
-from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("settings")
-    records = read_chatterbot(strict=False)[::13][:120]
-    tokenizer = tiny_tokenizer(texts_of(records), vocab_size=320)
-    model_dir = save_tiny(root / "model", tiny_model(len(tokenizer), hidden_size=32), tokenizer)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
-    return {"model": model_dir, "data": data, "root": root}
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+    return chat_assets(tmp_path_factory.mktemp("settings"))
 
 
 # Each bad value, and the flag its one-line error must name. The data and model do not exist:

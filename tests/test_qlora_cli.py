@@ -8,38 +8,20 @@ import json
 
 import numpy as np
 import pytest
+from cli_helpers import chat_assets, one_line_error, run_cli
 
 import lora_jax
 from lora_jax import models
 from lora_jax.cli import main
 from lora_jax.quantize import QuantConfig, quantize, quantized_bytes
-from lora_jax.train import FinetuneSettings, finetune, read_chatterbot
-from lora_jax.train.tiny import save_tiny, texts_of, tiny_model, tiny_tokenizer
+from lora_jax.train import FinetuneSettings, finetune
+from lora_jax.train.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Hugging Face model directory and a JSONL chat file."""
-    root = tmp_path_factory.mktemp("qlora_cli")
-    records = read_chatterbot(strict=False)[::13][:120]
-    tokenizer = tiny_tokenizer(texts_of(records), vocab_size=320)
-    model_dir = save_tiny(root / "model", tiny_model(len(tokenizer), hidden_size=64), tokenizer)
-    data = root / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in records))
-    return {"model": model_dir, "data": data, "root": root}
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("lora-jax: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+    return chat_assets(tmp_path_factory.mktemp("qlora_cli"), hidden_size=64)
 
 
 FLAGS = ("--steps", "8", "--lr", "2e-2", "--no-progress", "--samples", "0", "--save-every", "4",
@@ -131,7 +113,6 @@ def test_bad_quantize_flags_are_one_line_and_write_nothing(assets, tmp_path, cap
 
 
 def test_a_model_whose_kernels_cannot_be_quantized_is_refused_naming_the_tensor(assets, tmp_path, capsys):
-    from lora_jax.train.tiny import save_tiny
 
     model = models.from_pretrained(assets["model"])
     model.params["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"] = \

@@ -35,9 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lora_jax.config import LoraConfig
 from lora_jax.init import init
+from lora_jax.optim import loraplus
 from lora_jax.train.batches import Batch, BatchLoader, BatchSource, bucket_lengths, eval_batches
 from lora_jax.train.checkpoint import CheckpointError, Checkpoints
 from lora_jax.train.kbit import has_quantized, prepare_for_kbit_training
@@ -99,6 +101,10 @@ class TrainConfig:
         cpu_scheduler: on CPU, XLA's "concurrency"-optimized instruction scheduler (its
             default, and ours) or its "memory"-optimized one (see
             :func:`~lora_jax.train.step.compiler_options`).
+        loraplus_ratio: LoRA+ (:func:`lora_jax.loraplus`): B, DoRA magnitudes and other
+            1-D leaves learn at ``loraplus_ratio * learning_rate``, embedding adapters at
+            ``loraplus_lr_embedding``; None: one AdamW for everything.
+        loraplus_lr_embedding: with ``loraplus_ratio``: the embedding adapters' rate.
         eval_every: held-out evaluation every N steps (0: only before and after).
         eval_batch_size: rows per evaluation batch (default ``batch_size``).
         save_every: checkpoint every N steps (and always at the end and on Ctrl-C).
@@ -125,6 +131,8 @@ class TrainConfig:
     keep: int = 3
     loss_chunk: int | None = DEFAULT_LOSS_CHUNK
     cpu_scheduler: str = DEFAULT_CPU_SCHEDULER
+    loraplus_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     # Settings that do not change the trained adapter, so a resume may change them (the
     # loss chunk and the scheduler change the order of float sums at most).
@@ -157,6 +165,11 @@ class TrainConfig:
                      "an integer >= 1 or None")
         _require("cpu_scheduler", self.cpu_scheduler, self.cpu_scheduler in CPU_SCHEDULERS,
                  f"one of {CPU_SCHEDULERS}")
+        if self.loraplus_ratio is not None:
+            _require("loraplus_ratio", self.loraplus_ratio,
+                     _is_finite(self.loraplus_ratio) and self.loraplus_ratio > 0, "a finite number > 0 or None")
+        _require("loraplus_lr_embedding", self.loraplus_lr_embedding,
+                 _is_finite(self.loraplus_lr_embedding) and self.loraplus_lr_embedding >= 0, "a finite number >= 0")
 
     def settings(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint.
@@ -165,7 +178,10 @@ class TrainConfig:
             >>> sorted(TrainConfig().settings())[:4]
             ['batch_size', 'dtype', 'grad_accum', 'learning_rate']
         """
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE}
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE}
+        if self.loraplus_ratio is None:  # newer than the first checkpoints: only when used
+            del settings["loraplus_ratio"], settings["loraplus_lr_embedding"]
+        return settings
 
 
 def _is_int(value: Any) -> bool:
@@ -420,7 +436,7 @@ def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
     settings = {**config.settings(), "lora": lora_config.to_dict(), "train_data": fingerprint, **(run_info or {})}
     schedule = learning_rate_schedule(config.learning_rate, config.max_steps,
                                       warmup_steps=config.warmup_steps, schedule=config.schedule)
-    optimizer = clipped_adamw(schedule, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    optimizer = _optimizer(config, schedule, lora_config, params)
     held_out = eval_batches(eval_examples, batch_size=config.eval_batch_size or config.batch_size,
                             seq_len=config.seq_len, pad_id=pad_id, buckets=buckets)
     return _Run(
@@ -434,6 +450,16 @@ def _setup(apply_fn: ApplyFn, params: Any, lora_config: LoraConfig,
         checkpoints=Checkpoints(output_dir / "checkpoints", keep=config.keep) if output_dir else None,
         metrics=MetricsLog(output_dir / "metrics.jsonl") if output_dir else None, log=log or _stderr,
     )
+
+
+def _optimizer(config: TrainConfig, schedule: Any, lora_config: LoraConfig, params: Any) -> Any:
+    """AdamW after global-norm clipping; with ``loraplus_ratio``, one AdamW per LoRA+ group."""
+    if config.loraplus_ratio is None:
+        return clipped_adamw(schedule, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    groups = loraplus(optax.adamw, schedule, config.loraplus_ratio, config=lora_config, params=params,
+                      loraplus_lr_embedding=config.loraplus_lr_embedding,
+                      loraplus_weight_decay=config.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), groups) if config.max_grad_norm else groups
 
 
 def _fresh_start(run: _Run, state: TrainState) -> TrainState:

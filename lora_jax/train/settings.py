@@ -179,6 +179,29 @@ def _remat(value: Any) -> str | None:
     return None
 
 
+def _token_ids(value: Any) -> str | None:
+    return None if parse_token_ids(value) is not None else "comma-separated token ids >= 0, e.g. 0,5,17"
+
+
+def parse_token_ids(value: Any) -> list[int] | None:
+    """``"0,5,17"`` (or a list of ints, from a config file) as ``[0, 5, 17]``; None if it is not one.
+
+    Example:
+        >>> parse_token_ids("0, 5,17"), parse_token_ids([3, 4]), parse_token_ids("5,x"), parse_token_ids("")
+        ([0, 5, 17], [3, 4], None, None)
+    """
+    if isinstance(value, (list, tuple)):
+        ids = list(value)
+    elif isinstance(value, str):
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        if not all(re.fullmatch(r"\d+", part) for part in ids):
+            return None
+        ids = [int(part) for part in ids]
+    else:
+        return None
+    return ids if ids and all(_is_int(i) and i >= 0 for i in ids) else None
+
+
 def _mesh(value: Any) -> str | None:
     return None if parse_mesh(value) is not None else "DATA or DATAxMODEL with sizes >= 1, e.g. 8 or 2x4"
 
@@ -306,7 +329,25 @@ class FinetuneSettings:
                                   help="rank-stabilised scaling (alpha / sqrt(r))")
     init_adapter: str | None = setting(None, group="LoRA", check=_text, trajectory=True,
                                        help="start from this adapter (PEFT or `lora-jax import` directory); "
-                                            "its LoRA config replaces -r / --alpha / --target-modules")
+                                            "its LoRA config replaces -r / --alpha / --target-modules and the "
+                                            "variant flags below")
+    use_dora: bool | None = setting(False, kind=bool, group="LoRA", check=_boolean, trajectory=True,
+                                    record_default=False,
+                                    help="DoRA: a trained magnitude per output feature of each target")
+    trainable_token_indices: str | None = setting(
+        None, group="LoRA", check=_token_ids, trajectory=True, record_default=False,
+        help="comma-separated token ids whose input-embedding rows train (PEFT's trainable_token_indices)")
+    ensure_weight_tying: bool | None = setting(
+        False, kind=bool, group="LoRA", check=_boolean, trajectory=True, record_default=False,
+        help="a tied output head follows the embedding's adapter / trained rows (PEFT's default: "
+             "only the input lookup changes)")
+    loraplus_ratio: float | None = setting(
+        None, kind=float, group="LoRA", check=number(0, above=True), trajectory=True, record_default=False,
+        aliases=("--loraplus-lr-ratio",),
+        help="LoRA+: B (and DoRA magnitudes, biases) learn this many times faster than A (the paper: 16)")
+    loraplus_lr_embedding: float | None = setting(
+        1e-6, kind=float, group="LoRA", check=number(0), trajectory=True, record_default=False,
+        help="with --loraplus-ratio: the learning rate of embedding adapters (PEFT's default 1e-6)")
     # -- QLoRA
     quantize: str | None = setting(
         None, group="QLoRA", choices=QUANTIZE_SCHEMES, trajectory=True, record_default=False,
@@ -480,6 +521,9 @@ class FinetuneSettings:
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=parse_targets(self.target_modules), use_rslora=bool(self.rslora),
             modules_to_save=parse_targets(self.modules_to_save) if self.modules_to_save else None,
+            use_dora=bool(self.use_dora), ensure_weight_tying=bool(self.ensure_weight_tying),
+            trainable_token_indices=(parse_token_ids(self.trainable_token_indices)
+                                     if self.trainable_token_indices is not None else None),
         )
 
     def train_config(self) -> TrainConfig:
@@ -495,6 +539,7 @@ class FinetuneSettings:
             weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm or None, seed=self.seed,
             packing=bool(self.packing), num_buckets=self.buckets, dtype=self.dtype, remat=self.remat,
             loss_chunk=self.chunked_loss or None, cpu_scheduler=self.xla_cpu_scheduler,
+            loraplus_ratio=self.loraplus_ratio, loraplus_lr_embedding=self.loraplus_lr_embedding,
             eval_every=self.eval_every, save_every=self.save_every, keep=self.keep,
         )
 
@@ -602,6 +647,8 @@ def _normalised(field: dataclasses.Field, value: Any) -> Any:
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if field.name == "trainable_token_indices" and parse_token_ids(value) is not None:
+        return ",".join(map(str, parse_token_ids(value)))  # one form for run.json, whatever was given
     if kind is float and _is_number(value):
         return float(value)
     if kind is int and _is_int(value):
