@@ -126,7 +126,9 @@ def cli_defaults() -> dict[str, Any]:
         table = settings.FinetuneSettings
         out: dict[str, Any] = {}
         for field in dataclasses.fields(table):
-            if field.default is not dataclasses.MISSING:
+            if "default" in field.metadata:  # a recorded setting keeps None as its field default
+                out[field.name] = field.metadata["default"]
+            elif field.default is not dataclasses.MISSING:
                 out[field.name] = field.default
             elif field.default_factory is not dataclasses.MISSING:
                 out[field.name] = field.default_factory()
@@ -567,8 +569,10 @@ def compile_stats(jitted: Callable[..., Any], *args: Any) -> tuple[Any, dict[str
     # temporaries (activations, gradients). total_mib adds them: what the step really needs.
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
     return compiled, {
-        "gflops": compiled.cost_analysis()["flops"] / 1e9,
+        "gflops": cost["flops"] / 1e9,
+        "gbytes_accessed": cost.get("bytes accessed", float("nan")) / 1e9,  # XLA's estimate of memory traffic
         "peak_mib": memory.peak_memory_in_bytes / mib,
         "total_mib": total / mib,
         "argument_mib": memory.argument_size_in_bytes / mib,

@@ -259,7 +259,11 @@ def test_step_settings_go_to_the_model_field_or_wrap_the_forward():
     with pytest.raises(SystemExit, match="chunked"):
         common.settings_applied(nn.Dense(2), common.StepSettings(chunked_loss=True))
     defaults = common.resolve_step_settings(None, None)
-    assert defaults.source.startswith("CLI defaults") and defaults.remat == (common.cli_defaults().get("remat") or "none")
+    from lora_jax.train.settings import FinetuneSettings
+
+    cli = FinetuneSettings().resolved()  # what `lora-jax finetune` runs with
+    assert defaults.source.startswith("CLI defaults") and defaults.remat == cli.remat == "full"
+    assert defaults.chunked_loss == bool(cli.chunked_loss)
     assert common.resolve_step_settings("full", False).source == "command line"
 
 
