@@ -46,9 +46,16 @@ def run_one(scheme: str | None, out_dir: Path, smoke: bool) -> dict[str, Any]:
     summary = result.summary
     print(f"[qlora_quality] {name}: held-out perplexity {summary['eval_before']['perplexity']:.3f} -> "
           f"{summary['eval_after']['perplexity']:.3f}", file=sys.stderr)
-    return {"scheme": name, "settings": result.settings.record(), "eval_before": summary["eval_before"],
+    settings = result.settings.record()
+    settings["model"] = _portable(settings["model"])
+    return {"scheme": name, "settings": settings, "eval_before": summary["eval_before"],
             "eval_after": summary["eval_after"], "seconds": time.perf_counter() - started,
-            "adapter": str(result.adapter_dir)}
+            "adapter": Path(result.adapter_dir).name}
+
+
+def _portable(path: str) -> str:
+    """A model path as the results JSON keeps it: inside its package, not this machine's layout."""
+    return path.split("site-packages/", 1)[1] if "site-packages/" in path else Path(path).name
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
