@@ -768,15 +768,30 @@ def paired_ratio(times: list[list[float]], reference: list[list[float]]) -> floa
 
 # -- output --------------------------------------------------------------------------------------
 
+def _load_now() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+_LOAD_AT_IMPORT = _load_now()  # the scripts import this module first: the load before their own work
+
+
 def environment() -> dict[str, Any]:
+    """The backend, versions, threads and the 1-minute load average before the script's own work.
+
+    Example:
+        >>> sorted(environment())[:3]
+        ['backend', 'cpu', 'jax']
+    """
     import jax
 
     info = {"backend": jax.default_backend(), "jax": jax.__version__, "threads": THREADS,
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    try:
-        info["loadavg_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
+    if _LOAD_AT_IMPORT is not None:
+        info["loadavg_at_start"] = _LOAD_AT_IMPORT
+        info["loadavg_at_end"] = _load_now()
     return info
 
 
