@@ -62,6 +62,19 @@ def left_padded(vocab: int, seq: int = 14, batch: int = 3, seed: int = 0) -> tup
     return ids, mask
 
 
+def padded_batch(vocab: int, seed: int = 0, seq: int = 20, pads=(0, 4, 9), low: int = 1):
+    """Token ids ``(len(pads), seq)`` in ``[low, vocab)`` and a mask left-padding row ``i`` by ``pads[i]``."""
+    ids = np.random.RandomState(seed).randint(low, vocab, (len(pads), seq))
+    mask = (np.arange(seq)[None, :] >= np.array(pads)[:, None]).astype(np.int64)
+    return ids, mask
+
+
+def on_tokens(array, mask) -> np.ndarray:
+    """The rows of ``array`` at real tokens: padded query positions attend to nothing and are
+    meaningless in both frameworks."""
+    return np.asarray(array)[np.asarray(mask).astype(bool)]
+
+
 def torch_logits(model, ids, mask=None) -> np.ndarray:
     with torch.no_grad():
         mask = None if mask is None else torch.as_tensor(mask)

@@ -19,6 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import hf_oracle  # noqa: E402
+from hf_oracle import on_tokens, torch_logits  # noqa: E402
+
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, models, sharding  # noqa: E402
 from lora_jax.models.errors import ModelLoadError, UnsupportedModelError  # noqa: E402
@@ -80,21 +83,7 @@ def variant(request, checkpoints):
 
 
 def padded_batch(seed=0, seq=20, pads=(0, 4, 9)):
-    """Token ids (3, seq) and a mask left-padding row ``i`` by ``pads[i]``."""
-    ids = np.random.RandomState(seed).randint(3, VOCAB, (len(pads), seq))
-    mask = (np.arange(seq)[None, :] >= np.array(pads)[:, None]).astype(np.int64)
-    return ids, mask
-
-
-def torch_logits(model, ids, mask=None):
-    with torch.no_grad():
-        mask = None if mask is None else torch.tensor(mask)
-        return model(torch.tensor(ids), attention_mask=mask).logits.float().numpy()
-
-
-def on_tokens(array, mask):
-    # Padded query positions attend to nothing and are meaningless in both frameworks.
-    return np.asarray(array)[mask.astype(bool)]
+    return hf_oracle.padded_batch(VOCAB, seed, seq, pads, low=3)
 
 
 def test_logits_match_torch_with_padding_unrolled_and_scanned(variant):
