@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hf_oracle import quiet
 
 import lora_jax
 from lora_jax import LoraConfig, models
@@ -23,12 +23,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 IDS = np.array([[1, 5, 9, 3, 2, 7, 60, 11], [4, 4, 8, 15, 16, 23, 42, 0]], dtype=np.int32)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,12 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import quiet  # noqa: E402
+
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, models  # noqa: E402
 
 IDS = np.array([[1, 5, 9, 3, 2, 7, 60, 11]], dtype=np.int32)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def checkpoint(tmp_path_factory, name, config) -> str:

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import quiet  # noqa: E402
+
 import lora_jax  # noqa: E402
 from lora_jax import models  # noqa: E402
 
@@ -30,12 +32,6 @@ ROWS = ["__base__", "one", "two", "three", "one", "two"]
 IDS = np.array([[1, 5, 9, 3, 2, 7, 60, 11], [4, 4, 8, 1, 0, 2, 3, 5], [9, 8, 7, 6, 5, 4, 3, 2],
                 [1, 2, 3, 4, 5, 6, 7, 8], [10, 20, 30, 40, 50, 60, 1, 2], [3, 1, 4, 1, 5, 9, 2, 6]],
                dtype=np.int32)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ checkpoints: logits, greedy generation, PEFT adapters both ways, save_pretrained
 from __future__ import annotations
 
 import os
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,7 +20,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import hf_oracle  # noqa: E402
-from hf_oracle import on_tokens, torch_logits  # noqa: E402
+from hf_oracle import (  # noqa: E402
+    on_tokens,
+    quiet,  # noqa: E402
+    torch_logits,
+)
 
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, models, sharding  # noqa: E402
@@ -45,12 +48,6 @@ VARIANTS = {
         attention_bias=True, tie_word_embeddings=False)),
 }
 GEMMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def torch_gemma(name):

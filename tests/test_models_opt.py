@@ -20,7 +20,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import hf_oracle  # noqa: E402
-from hf_oracle import on_tokens, torch_logits  # noqa: E402
+from hf_oracle import (  # noqa: E402
+    on_tokens,
+    quiet,  # noqa: E402
+    torch_logits,
+)
 
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, models, sharding  # noqa: E402
@@ -40,12 +44,6 @@ VARIANTS = {
                          layer_norm_elementwise_affine=False, activation_function="gelu"),
 }
 OPT_LINEAR = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def torch_opt(**overrides):

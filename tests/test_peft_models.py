@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,6 +19,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import quiet  # noqa: E402
+
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, models  # noqa: E402
 from lora_jax.export import save_merged  # noqa: E402
@@ -32,12 +33,6 @@ LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def unpack(loaded):
     """``adapter, config, params`` from a LoadedPeft (which unpacks as ``adapter, config``)."""
     return loaded.adapter, loaded.config, loaded.params
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def checkpoint(tmp_path_factory, name: str, config) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,6 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+
+from hf_oracle import quiet  # noqa: E402
 
 import lora_jax  # noqa: E402
 from lora_jax import LoraConfig, load_peft_set, models, save_peft_set  # noqa: E402
@@ -35,12 +36,6 @@ SET = {
     "math": dict(r=2, lora_alpha=3, target_modules=["gate_proj", "up_proj", "down_proj"],
                  alpha_pattern={"down_proj": 5}),
 }
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from hf_oracle import quiet
 
 import lora_jax
 from lora_jax import LoraConfig, models
@@ -25,12 +26,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 IDS = np.array([[1, 5, 9, 3, 2, 7, 60, 11]], dtype=np.int32)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 import safetensors.numpy
+from hf_oracle import quiet
 
 import lora_jax
 from lora_jax import LoraConfig, models
@@ -24,12 +25,6 @@ transformers = pytest.importorskip("transformers")
 
 IDS = np.array([[1, 5, 9, 3, 2, 7, 60, 11, 5]], dtype=np.int32)
 TOKENS = [5, 60, 2]
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def llama_dir(tmp_path_factory, tied: bool) -> str:

@@ -10,7 +10,6 @@ DARE types are checked statistically, on PEFT's result and on lora_jax's alike.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from hf_oracle import quiet  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -66,12 +66,6 @@ class Tiny(torch.nn.Module):
 
     def forward(self, ids):  # not used: the deltas are compared
         return self.embed(ids)
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def lora_layers(peft_model):
